@@ -1,0 +1,131 @@
+"""Many full trainings through utils, for choosing the recipe and measuring seed variance.
+
+Runs each configuration of a grid (and then the chosen ones with more seeds) in parallel
+worker processes sharing one GPU, and writes one JSON line per finished run to --out, so a
+cut-off sweep still leaves every finished result behind.
+
+    python benchmarks/sweep.py --data path/to/cifar10-jpeg.tar.gz --out results.jsonl --grid grid
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from multiprocessing import get_context
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from model import Net, count_parameters  # noqa: E402
+
+WIDTHS = {
+    "ref": (16, 32, 16, 32, 32, 32, 16, 16, 32, 32),
+    "a": (16, 24, 16, 32, 32, 32, 16, 24, 32, 36),
+    "b": (16, 32, 16, 24, 32, 32, 16, 24, 32, 40),
+    "c": (12, 24, 16, 32, 32, 32, 16, 24, 32, 40),
+}
+
+
+def trial(name, norm, seed=1, widths="ref", tail_padding=0, skips=False, dropout=0.02, groups=4,
+          **recipe):
+    aug = {k: recipe.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in recipe}
+    return dict(name=name, norm=norm, seed=seed,
+                build=dict(widths=widths, tail_padding=tail_padding, skips=skips, dropout=dropout),
+                groups=groups, recipe=recipe, augment=aug)
+
+
+def grid():
+    """Stage 1: what moves the number, mostly on BN, then the norm-specific choices."""
+    base = dict(lr=0.05, weight_decay=5e-4, label_smoothing=0.0, crop_pad=4, flip=0.5)
+    t = []
+    # the seed network and the seed-like recipe (rotation 10 deg at p=0.1, no crop, dropout .02)
+    t.append(trial("seed-like", "bn", lr=0.05, crop_pad=0, rotate_deg=10, rotate_p=0.1))
+    t.append(trial("ref", "bn", **base))
+    t.append(trial("ref+ls", "bn", **{**base, "label_smoothing": 0.1}))
+    t.append(trial("ref+ls,crop2", "bn", **{**base, "label_smoothing": 0.1, "crop_pad": 2}))
+    t.append(trial("ref+ls,drop0", "bn", dropout=0.0, **{**base, "label_smoothing": 0.1}))
+    t.append(trial("ref+tail", "bn", tail_padding=1, dropout=0.0, **{**base, "label_smoothing": 0.1}))
+    t.append(trial("ref+tail+skips", "bn", tail_padding=1, skips=True, dropout=0.0,
+                   **{**base, "label_smoothing": 0.1}))
+    arch = dict(tail_padding=1, skips=True, dropout=0.0)
+    rec = {**base, "label_smoothing": 0.1}
+    for w in ("a", "b", "c"):
+        t.append(trial(f"w{w}+tail+skips", "bn", widths=w, **arch, **rec))
+    for lr in (0.02, 0.1, 0.2):
+        t.append(trial(f"ref+tail+skips lr{lr}", "bn", **arch, **{**rec, "lr": lr}))
+    for wd in (1e-4, 1e-3):
+        t.append(trial(f"ref+tail+skips wd{wd}", "bn", **arch, **{**rec, "weight_decay": wd}))
+    t.append(trial("ref+tail+skips bs256 lr0.1", "bn", **arch, **{**rec, "batch_size": 256, "lr": 0.1}))
+    t.append(trial("ref+tail+skips bs64", "bn", **arch, **{**rec, "batch_size": 64}))
+    t.append(trial("ref+tail+skips crop2", "bn", **arch, **{**rec, "crop_pad": 2}))
+    t.append(trial("ref+tail+skips drop0.05", "bn", **{**arch, "dropout": 0.05}, **rec))
+    # LayerNorm and GroupNorm: the same recipe, the width variant, and GN's group count
+    for norm in ("ln", "gn"):
+        t.append(trial("ref", norm, **base))
+        t.append(trial("ref+tail+skips", norm, **arch, **rec))
+        t.append(trial("wb+tail+skips", norm, widths="b", **arch, **rec))
+        t.append(trial("ref+tail+skips lr0.1", norm, **arch, **{**rec, "lr": 0.1}))
+    for g in (2, 8):
+        t.append(trial(f"ref+tail+skips g{g}", "gn", groups=g, **arch, **rec))
+    return t
+
+
+def run_one(spec, data_path, device):
+    torch.set_num_threads(1)
+    data = utils.load_cifar10(data_path)
+    b = dict(spec["build"])
+    b["widths"] = WIDTHS[b["widths"]]
+    recipe = replace(utils.Recipe(groups=spec["groups"], **spec["recipe"]),
+                     augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4), **spec["augment"]}))
+    utils.set_seed(spec["seed"])
+    model = Net(spec["norm"], groups=spec["groups"], **b).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], channels_last=channels_last)
+    start = time.time()
+    history = utils.fit(model, train, test, recipe, progress=False)
+    return dict(spec, params=count_parameters(model), final=history[-1]["test_acc"],
+                best=max(h["test_acc"] for h in history), train_final=history[-1]["train_acc"],
+                seconds=round(time.time() - start, 1), device=utils.device_name(device),
+                history=history)
+
+
+def worker(args):
+    spec, data_path = args
+    try:
+        return run_one(spec, data_path, utils.pick_device())
+    except Exception as e:    # one broken config must not end the sweep
+        return dict(spec, error=repr(e))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
+    p.add_argument("--only", default=None, help="comma-separated trial names to keep")
+    p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
+                   "with --seeds (for every norm that has them), after the grid")
+    a = p.parse_args()
+    utils.load_cifar10(a.data)          # decode once; the workers read the cache
+    specs = grid()
+    if a.only:
+        keep = a.only.split(",")
+        specs = [s for s in specs if s["name"] in keep]
+    again = a.seed_names.split(",") if a.seed_names else []
+    specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
+    print(f"{len(specs)} runs on {a.workers} workers", flush=True)
+    with get_context("spawn").Pool(a.workers) as pool, open(a.out, "a") as out:
+        for r in pool.imap_unordered(worker, [(s, a.data) for s in specs]):
+            out.write(json.dumps(r) + "\n")
+            out.flush()
+            print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

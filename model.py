@@ -1,0 +1,175 @@
+"""The CIFAR-10 network of this course, in the squeeze-and-expand layout
+
+    C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10
+
+`C` is a 3x3 conv block (conv -> norm -> ReLU -> dropout), `c` a 1x1 "squeeze"
+conv block, `P` 2x2 max-pooling and `GAP` global average pooling; c10 is the
+1x1 classifier. One `Net` class serves all three normalisations:
+
+    Net("bn")                       # the seed's reference build, 46,064 parameters
+    Net("gn", groups=4)             # same widths, GroupNorm with 4 groups
+    Net("ln", build="tuned")        # the tuned build (see BUILDS)
+
+This file holds modules only; training lives in utils.py.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
+
+# The 10 widths are the output channels of C1 C2 c3 C3 C4 C5 c6 C7 C8 C9, in order.
+BLOCK_NAMES = ("C1", "C2", "c3", "C3", "C4", "C5", "c6", "C7", "C8", "C9")
+
+
+@dataclass(frozen=True)
+class Build:
+    """Everything that shapes the network besides its norm."""
+    widths: tuple = (16, 32, 16, 32, 32, 32, 16, 16, 32, 32)
+    dropout: float = 0.02      # after every ReLU
+    tail_padding: int = 0      # padding of C8 and C9: 0 shrinks 8x8 -> 6x6 -> 4x4 as in the seed
+    skips: bool = False        # x + block(x) around every 3x3 block whose input and output shapes match
+
+
+BUILDS = {
+    # The seed network, layer for layer: 46,064 parameters with BatchNorm, receptive field 44.
+    "reference": Build(),
+    # Widths moved to 16x16 and 8x8, where a parameter costs less compute; C8/C9 keep 8x8;
+    # additive skips around the equal-shape blocks; no dropout (augmentation regularises).
+    "tuned": Build(widths=(16, 32, 16, 32, 32, 32, 24, 40, 48, 48), dropout=0.0,
+                   tail_padding=1, skips=True),
+}
+
+
+class LayerNorm2d(nn.GroupNorm):
+    """LayerNorm for conv features: each sample is normalised over all of (C, H, W).
+
+    That is exactly GroupNorm with a single group, so this *is* `nn.GroupNorm(1, C)`,
+    named for what it does. Its affine scale and shift are per channel (2*C
+    parameters), like BatchNorm's, so the three norms have the same parameter count
+    and the layer works at any spatial size. `nn.LayerNorm([C, H, W])` would learn
+    a scale and shift per element (2*C*H*W parameters: 32,768 for one 16x32x32 map)
+    and would only accept inputs of that one size.
+    """
+
+    def __init__(self, num_channels, eps=1e-5):
+        super().__init__(1, num_channels, eps=eps)
+
+
+def make_norm(norm, channels, groups, layer):
+    """The normalisation layer for one block; `layer` names the block in error messages."""
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "ln":
+        return LayerNorm2d(channels)
+    if norm == "gn":
+        if groups < 1 or channels % groups:
+            valid = [g for g in range(1, channels + 1) if channels % g == 0]
+            raise ValueError(
+                f"GroupNorm: groups={groups} does not divide the {channels} channels of layer "
+                f"{layer}. Choose groups from {valid} (it must divide the width of every layer).")
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {norm!r} in layer {layer}: choose one of "
+                     + ", ".join(f"{k!r} ({v})" for k, v in NORMS.items()))
+
+
+class ConvBlock(nn.Module):
+    """conv (no bias) -> norm -> ReLU -> dropout, optionally with an additive skip."""
+
+    def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=padding, bias=False)
+        self.norm = make_norm(norm, c_out, groups, name)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        # A skip is only possible where the block keeps the shape of its input.
+        self.skip = skip and c_in == c_out and kernel_size == 2 * padding + 1
+
+    def forward(self, x):
+        y = self.drop(self.relu(self.norm(self.conv(x))))
+        return x + y if self.skip else y
+
+
+class Net(nn.Module):
+    """C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10, returning log-probabilities (for NLL loss).
+
+    norm:   "bn" (BatchNorm), "ln" (LayerNorm over C,H,W) or "gn" (GroupNorm)
+    groups: GroupNorm's group count; must divide every width (ignored for bn/ln)
+    build:  a name in BUILDS; `overrides` replace single fields of it, e.g. dropout=0.1
+    """
+
+    def __init__(self, norm="bn", groups=4, build="reference", num_classes=10, **overrides):
+        super().__init__()
+        if build not in BUILDS:
+            raise ValueError(f"unknown build {build!r}: choose one of {sorted(BUILDS)}")
+        cfg = replace(BUILDS[build], **overrides)
+        if len(cfg.widths) != len(BLOCK_NAMES):
+            raise ValueError(f"widths needs {len(BLOCK_NAMES)} numbers ({' '.join(BLOCK_NAMES)}), "
+                             f"got {len(cfg.widths)}")
+        self.norm_name, self.groups, self.build, self.cfg = norm, groups, build, cfg
+        w = dict(zip(BLOCK_NAMES, cfg.widths))
+
+        def block(name, c_in, kernel_size, padding):
+            return ConvBlock(name, c_in, w[name], kernel_size, padding, norm, groups,
+                             cfg.dropout, cfg.skips)
+
+        tail = cfg.tail_padding
+        self.layers = nn.Sequential(OrderedDict([
+            ("C1", block("C1", 3, 3, 1)),             # (N, C1, 32, 32)
+            ("C2", block("C2", w["C1"], 3, 1)),       # (N, C2, 32, 32)
+            ("c3", block("c3", w["C2"], 1, 0)),       # (N, c3, 32, 32)  squeeze
+            ("P1", nn.MaxPool2d(2)),                  # (N, c3, 16, 16)
+            ("C3", block("C3", w["c3"], 3, 1)),       # (N, C3, 16, 16)
+            ("C4", block("C4", w["C3"], 3, 1)),       # (N, C4, 16, 16)
+            ("C5", block("C5", w["C4"], 3, 1)),       # (N, C5, 16, 16)
+            ("c6", block("c6", w["C5"], 1, 0)),       # (N, c6, 16, 16)  squeeze
+            ("P2", nn.MaxPool2d(2)),                  # (N, c6, 8, 8)
+            ("C7", block("C7", w["c6"], 3, 1)),       # (N, C7, 8, 8)
+            ("C8", block("C8", w["C7"], 3, tail)),    # (N, C8, 6, 6), 8x8 with tail_padding=1
+            ("C9", block("C9", w["C8"], 3, tail)),    # (N, C9, 4, 4), 8x8 with tail_padding=1
+            ("GAP", nn.AdaptiveAvgPool2d(1)),         # (N, C9, 1, 1)
+            ("c10", nn.Conv2d(w["C9"], num_classes, 1, bias=False)),  # (N, 10, 1, 1)
+        ]))
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Net expects a batch of RGB images shaped (N, 3, H, W), got {tuple(x.shape)}")
+        x = self.layers(x)                  # (N, 10, 1, 1)
+        x = x.flatten(1)                    # (N, 10)
+        return F.log_softmax(x, dim=1)      # log-probabilities
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def receptive_field(model, input_size=32):
+    """Walk `model.layers` and return one row per layer: its kernel, stride and padding as the
+    modules define them, the output size, the jump (input pixels between neighbouring outputs)
+    and the receptive field. GAP pools every position, so the receptive field is read at C9."""
+    rows, size, jump, rf = [], input_size, 1, 1
+    for name, layer in model.layers.named_children():
+        op = layer.conv if isinstance(layer, ConvBlock) else layer
+        if isinstance(op, nn.AdaptiveAvgPool2d):
+            rows.append(dict(layer=name, kernel="global", stride="-", padding="-",
+                             out=1, jump=jump, rf=rf))
+            size = 1
+            continue
+        k, s, p = (v[0] if isinstance(v, tuple) else v
+                   for v in (op.kernel_size, op.stride, op.padding))
+        size = (size + 2 * p - k) // s + 1
+        rf += (k - 1) * jump
+        jump *= s
+        rows.append(dict(layer=name, kernel=k, stride=s, padding=p, out=size, jump=jump, rf=rf))
+    return rows
+
+
+def format_receptive_field(rows):
+    """The receptive-field table as fixed-width text."""
+    head = f"{'layer':<6}{'kernel':>7}{'stride':>7}{'pad':>5}{'out':>5}{'jump':>6}{'RF':>5}"
+    lines = [head] + [f"{r['layer']:<6}{r['kernel']!s:>7}{r['stride']!s:>7}{r['padding']!s:>5}"
+                      f"{r['out']:>5}{r['jump']:>6}{r['rf']:>5}" for r in rows]
+    return "\n".join(lines)

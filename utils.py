@@ -1,0 +1,634 @@
+"""Data, training, evaluation, plots and results files for the S8 notebooks.
+
+Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training
+(Recipe, set_seed, pick_device, train_epoch, evaluate, fit), results files,
+plots. Every notebook calls these; nothing here is notebook-specific.
+"""
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import tarfile
+import tempfile
+import time
+import urllib.error
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+IMAGE_SHAPE = (3, 32, 32)
+DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
+HOW_TO_PROVIDE = (
+    f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
+    f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', "
+    f"(2) an ImageFolder folder with train/<class>/*.jpg and test/<class>/*.jpg, or (3) a .tar or "
+    f".tar.gz of that ImageFolder layout.")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class CIFAR10:
+    """The whole data set as uint8 tensors: images (N, 3, 32, 32), labels (N,) int64."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple
+    source: str     # where it came from, for reports
+
+    def __repr__(self):
+        return (f"CIFAR10(train={tuple(self.train_images.shape)}, test={tuple(self.test_images.shape)}, "
+                f"dtype={self.train_images.dtype}, classes={len(self.classes)}, source={self.source!r})")
+
+
+def load_cifar10(source=None, data_dir="data"):
+    """Load CIFAR-10 as uint8 tensors, decoding at most once.
+
+    source: None -> $S8_DATA if set, else torchvision's download into `data_dir`;
+            a folder (torchvision's pickles, or ImageFolder layout); or a .tar/.tar.gz
+            of the ImageFolder layout. Decoded tensors are cached under `data_dir/cache`,
+            so a second load only reads one file; nothing is written beside `source`.
+    """
+    source = source if source is not None else os.environ.get(DATA_ENV) or None
+    data_dir = Path(data_dir)
+    if source is None:
+        folder = _download(data_dir)
+        label = "torchvision download (original CIFAR-10)"
+    else:
+        folder = Path(source).expanduser()
+        if not folder.exists():
+            raise FileNotFoundError(f"CIFAR-10 source {str(folder)!r} does not exist. {HOW_TO_PROVIDE}")
+        label = str(folder)
+    cache = data_dir / "cache" / f"cifar10-{_fingerprint(folder)}.pt"
+    if cache.exists():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            return CIFAR10(**saved, source=label)
+        except Exception:       # a stale or broken cache is rebuilt, never trusted
+            cache.unlink()
+    splits, classes = _read_source(folder)
+    saved = dict(train_images=splits["train"][0], train_labels=splits["train"][1],
+                 test_images=splits["test"][0], test_labels=splits["test"][1], classes=tuple(classes))
+    _atomic_write(cache, lambda f: torch.save(saved, f), binary=True)
+    return CIFAR10(**saved, source=label)
+
+
+def _download(data_dir):
+    import torchvision
+    try:
+        for train in (True, False):
+            torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise RuntimeError(f"Could not download CIFAR-10 into {str(data_dir)!r} ({e}). "
+                           f"{HOW_TO_PROVIDE}") from e
+    return data_dir / "cifar-10-batches-py"
+
+
+def _fingerprint(path):
+    """Identifies a source by its location, size and modification time (cheap: no hashing of data)."""
+    path = path.resolve()
+    parts = [str(path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                           for p in ([path] if path.is_file() else sorted(path.iterdir()))]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _read_source(path):
+    if path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise RuntimeError(f"{str(path)!r} is not a readable .tar/.tar.gz archive (corrupt or "
+                               f"truncated?). Fetch it again. {HOW_TO_PROVIDE}")
+        return _read_image_tar(path)
+    pickles = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    if (pickles / "batches.meta").exists():
+        return _read_pickles(pickles)
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        files = ((p.relative_to(path).parts, p.read_bytes) for p in sorted(path.glob("*/*/*")) if p.is_file())
+        return _decode_image_files(files, str(path))
+    raise RuntimeError(f"{str(path)!r} holds neither 'cifar-10-batches-py' nor train/ and test/ "
+                       f"folders. {HOW_TO_PROVIDE}")
+
+
+def _read_pickles(folder):
+    """torchvision's on-disk format: data_batch_1..5 and test_batch, each a pickled dict."""
+    def read(name):
+        try:
+            with open(folder / name, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except FileNotFoundError:
+            raise RuntimeError(f"{str(folder)!r} lacks {name}: the CIFAR-10 copy is incomplete. "
+                               f"{HOW_TO_PROVIDE}") from None
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise RuntimeError(f"{str(folder / name)!r} is corrupt ({e}). {HOW_TO_PROVIDE}") from None
+
+    classes = read("batches.meta")["label_names"]
+    _check_classes(classes, str(folder))
+    splits = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        batches = [read(n) for n in names]
+        data = np.concatenate([b["data"] for b in batches])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise RuntimeError(f"{str(folder)!r}: {split} images have {data.shape[1:]} values each, "
+                               f"expected 3072 (3x32x32). Is this CIFAR-10?")
+        images = torch.from_numpy(data).reshape(-1, *IMAGE_SHAPE).contiguous()
+        labels = torch.tensor([y for b in batches for y in b["labels"]], dtype=torch.int64)
+        splits[split] = (images, labels)
+    return splits, classes
+
+
+def _read_image_tar(path):
+    try:
+        with tarfile.open(path) as tar:
+            # Members are read in archive order, one pass, without extracting to disk.
+            files = ((Path(m.name).parts, lambda m=m: tar.extractfile(m).read())
+                     for m in tar if m.isfile())
+            return _decode_image_files(files, str(path))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise RuntimeError(f"{str(path)!r} is corrupt or truncated ({type(e).__name__}: {e}). "
+                           f"Fetch it again. {HOW_TO_PROVIDE}") from e
+
+
+def _decode_image_files(files, where):
+    """files: (path parts, read-bytes callable) pairs; keeps those under <split>/<class>/<file>."""
+    found = {"train": [], "test": []}
+    for parts, read in files:
+        if len(parts) >= 3 and parts[-3] in found and not parts[-1].startswith("."):
+            found[parts[-3]].append((parts[-2], "/".join(parts[-3:]), read()))
+    splits = {}
+    for split, items in found.items():
+        classes = sorted({c for c, _, _ in items})
+        missing = [c for c in CLASSES if c not in classes]
+        if missing:
+            raise RuntimeError(f"{where}: {split}/ has no folder for class(es) {missing}. An ImageFolder "
+                               f"copy of CIFAR-10 needs {split}/<class>/ for all of {list(CLASSES)}.")
+        _check_classes(classes, f"{where}/{split}")
+        images = torch.empty(len(items), *IMAGE_SHAPE, dtype=torch.uint8)
+        labels = torch.empty(len(items), dtype=torch.int64)
+        items.sort(key=lambda item: item[1])          # the same order on every machine
+        for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5)):
+            try:
+                img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                raise RuntimeError(f"{where}: cannot decode {name} ({e}).") from None
+            if tuple(img.shape) != IMAGE_SHAPE:
+                raise RuntimeError(f"{where}: {name} is {img.shape[2]}x{img.shape[1]} pixels; CIFAR-10 "
+                                   f"images are 32x32. Point {DATA_ENV} at an unresized copy.")
+            images[i], labels[i] = img, CLASSES.index(cls)
+        splits[split] = (images, labels)
+    return splits, list(CLASSES)
+
+
+def _check_classes(classes, where):
+    if list(classes) != list(CLASSES):
+        raise RuntimeError(f"{where}: classes {list(classes)} are not CIFAR-10's {list(CLASSES)}.")
+
+
+def subset(images, labels, n, seed=0):
+    """A class-balanced-in-expectation random subset of n images (for quick runs and tests)."""
+    if n is None or n >= len(images):
+        return images, labels
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], labels[idx]
+
+
+def channel_mean_std(images):
+    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1].
+
+    Counts every pixel value with a histogram per channel, so the result is the statistic over
+    all pixels of the split, not an average of per-batch statistics, and needs no float copy."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"channel_mean_std expects uint8 images, got {images.dtype}")
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        means.append(mean.item())
+        stds.append(((counts * (values - mean) ** 2).sum() / n).sqrt().item())
+    return tuple(means), tuple(stds)
+
+
+@dataclass
+class Augment:
+    """Batched augmentation on normalised float tensors; each part can be switched off.
+
+    flip: probability of a horizontal flip; crop_pad: random crop after padding by this many
+    pixels (an integer shift in [-pad, pad], zero fill); rotate_deg/rotate_p: rotate by an angle
+    uniform in [-deg, deg] with probability p."""
+    flip: float = 0.5
+    crop_pad: int = 4
+    rotate_deg: float = 0.0
+    rotate_p: float = 0.0
+
+    def draw(self, n, generator):
+        """The random choices for n images, drawn on the CPU so that a seed gives the same
+        augmentation on every device."""
+        g = generator
+        flip = torch.rand(n, generator=g) < self.flip
+        shift = torch.randint(-self.crop_pad, self.crop_pad + 1, (n, 2), generator=g)
+        angle = (torch.rand(n, generator=g) * 2 - 1) * self.rotate_deg
+        angle = torch.where(torch.rand(n, generator=g) < self.rotate_p, angle, torch.zeros(n))
+        return flip, shift, angle
+
+    def apply(self, x, flip, shift, angle):
+        if self.flip > 0:
+            x = hflip(x, flip)
+        if self.rotate_deg > 0 and self.rotate_p > 0:
+            x = rotate(x, angle)
+        if self.crop_pad > 0:
+            x = translate(x, shift, self.crop_pad)
+        return x
+
+
+def hflip(x, mask):
+    """Mirror the images where mask (N,) is True."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def translate(x, shift, pad):
+    """Random crop with padding as one gather: image i is moved by shift[i] = (dy, dx) pixels,
+    |d| <= pad, with zeros filling the border."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (pad - shift[:, 0, None] + torch.arange(h, device=x.device))       # (N, H)
+    cols = (pad - shift[:, 1, None] + torch.arange(w, device=x.device))       # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]   # (N, H, W, C)
+    out = out.permute(0, 3, 1, 2)                          # (N, C, H, W), channels_last in memory
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def rotate(x, degrees):
+    """Rotate image i by degrees[i] about its centre (bilinear, zero fill), all in one call."""
+    theta = torch.deg2rad(degrees.to(x.dtype))
+    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+    affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(affine, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class Loader:
+    """Batches from one normalised float tensor that lives on `device`.
+
+    Conversion to float and normalisation happen once, here. Each epoch then shuffles with a
+    seeded generator and augments batch by batch with a few tensor ops: no PIL, no workers,
+    no per-image Python loop. len() is the number of batches (391 for 50,000 at 128)."""
+
+    def __init__(self, images, labels, mean, std, batch_size=128, shuffle=False, augment=None,
+                 seed=0, device="cpu", channels_last=False):
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(f"Loader expects uint8 images shaped (N, 3, 32, 32), got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        device = torch.device(device)
+        mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        x = images.to(device).float().div_(255).sub_(mean).div_(std)
+        self.images = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        self.labels = labels.to(device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n, bs = len(self.labels), self.batch_size
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        if self.augment is not None:
+            choices = [t.to(self.device, non_blocking=True) for t in self.augment.draw(n, self.generator)]
+        if order is not None:
+            order = order.to(self.device, non_blocking=True)
+        for start in range(0, n, bs):
+            idx = slice(start, start + bs) if order is None else order[start:start + bs]
+            x, y = self.images[idx], self.labels[idx]
+            if self.augment is not None:
+                x = self.augment.apply(x, *(t[start:start + bs] for t in choices))
+            yield x, y
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class Recipe:
+    """Everything about how a network is trained, in one place."""
+    build: str = "reference"      # model.BUILDS name
+    groups: int = 4               # GroupNorm groups (bn/ln ignore it)
+    dropout: float = None         # None: the build's own
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05              # peak learning rate of the one-cycle schedule
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup: float = 0.25          # fraction of steps spent rising to the peak
+    augment: Augment = field(default_factory=Augment)
+
+    def make_model(self, norm):
+        from model import Net
+        extra = {} if self.dropout is None else {"dropout": self.dropout}
+        return Net(norm, groups=self.groups, build=self.build, **extra)
+
+
+RECIPES = {
+    # The seed's network, with SGD + one-cycle and flip/crop augmentation.
+    "reference": Recipe(),
+    # The tuned recipe (issue 5): see doc/trials.md for what each choice measured.
+    "tuned": Recipe(build="tuned", lr=0.1, weight_decay=5e-4, label_smoothing=0.1, batch_size=128,
+                    augment=Augment(flip=0.5, crop_pad=2)),
+}
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device():
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"CPU ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def make_optimizer(model, recipe, steps_per_epoch):
+    """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch."""
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=recipe.warmup, anneal_strategy="linear", div_factor=10, final_div_factor=100)
+    return opt, sched
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA (norms and the loss stay in fp32); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0):
+    """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync."""
+    model.train()
+    device = loader.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in loader:
+        with _autocast(device):
+            log_probs = model(x)
+        loss = F.nll_loss(log_probs.float(), y) if label_smoothing == 0 else \
+            F.cross_entropy(log_probs.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (log_probs.argmax(1) == y).sum()
+    n = len(loader.labels)
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+@torch.inference_mode()
+def predict(model, loader):
+    """Log-probabilities for every image of loader, in order, as one float32 tensor."""
+    model.eval()
+    with _autocast(loader.device):
+        return torch.cat([model(x).float() for x, _ in loader])
+
+
+def evaluate(model, loader):
+    """(mean NLL loss, accuracy %) on loader, without augmentation or gradients."""
+    log_probs = predict(model, loader)
+    y = loader.labels
+    loss = F.nll_loss(log_probs, y, reduction="sum").item() / len(y)
+    return loss, 100.0 * (log_probs.argmax(1) == y).sum().item() / len(y)
+
+
+def fit(model, train_loader, test_loader, recipe, progress=True):
+    """Train for recipe.epochs with one tqdm bar over the epochs and one line per epoch.
+
+    Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
+    learning rate at the end of the epoch, and the seconds the epoch took (training + test)."""
+    optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
+    history = []
+    bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
+               mininterval=0, ascii=True, dynamic_ncols=False, ncols=100)
+    for epoch in bar:
+        start = time.perf_counter()
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
+                                            recipe.label_smoothing)
+        test_loss, test_acc = evaluate(model, test_loader)
+        row = dict(epoch=epoch, train_loss=round(train_loss, 4), train_acc=round(train_acc, 2),
+                   test_loss=round(test_loss, 4), test_acc=round(test_acc, 2),
+                   lr=round(scheduler.get_last_lr()[0], 6),
+                   seconds=round(time.perf_counter() - start, 1))
+        history.append(row)
+        bar.set_postfix(test_acc=row["test_acc"])
+        if progress:
+            tqdm.write(f"epoch {epoch:2d}  train loss {train_loss:.3f} acc {train_acc:5.2f}%  "
+                       f"test loss {test_loss:.3f} acc {test_acc:5.2f}%  lr {row['lr']:.4f}  "
+                       f"{row['seconds']:.1f}s")
+    return history
+
+
+def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
+                 channels_last=False):
+    """Train and test loaders as every notebook and script uses them. Mean and std come from
+    the (possibly subset) training images; only the train loader shuffles and augments."""
+    train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
+    test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
+    mean, std = channel_mean_std(train_x)
+    common = dict(mean=mean, std=std, batch_size=recipe.batch_size, device=device,
+                  channels_last=channels_last)
+    train = Loader(train_x, train_y, shuffle=True, augment=recipe.augment, seed=seed, **common)
+    test = Loader(test_x, test_y, **common)
+    return train, test
+
+
+def misclassified(model, loader, n=10):
+    """Indices (into loader's images), predicted and true labels of the first n test images the
+    model gets wrong."""
+    pred = predict(model, loader).argmax(1)
+    wrong = (pred != loader.labels).nonzero().flatten()[:n]
+    return wrong.cpu(), pred[wrong].cpu(), loader.labels[wrong].cpu()
+
+
+# ----------------------------------------------------------------------------- results files
+
+def _atomic_write(path, write, binary=False):
+    """Write a file whole or not at all: into a temporary file beside it, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_results(path, norm, params, device, data, seed, history, **extra):
+    """doc/results/<norm>.json: what was trained, on what, and the per-epoch history."""
+    record = dict(norm=norm, params=params, device=str(device), data=data, seed=seed,
+                  history=history, **extra)
+    _atomic_write(path, lambda f: json.dump(record, f, indent=1))
+    return record
+
+
+def load_results(path):
+    with open(path) as f:
+        record = json.load(f)
+    missing = {"norm", "params", "device", "data", "seed", "history"} - set(record)
+    if missing:
+        raise ValueError(f"{path}: results file lacks {sorted(missing)}")
+    return record
+
+
+def recipe_dict(recipe):
+    return asdict(recipe)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _finish(fig, path):
+    """Save with a fixed dpi and no software stamp, so reruns give the same bytes."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return fig
+
+
+def show_images(images, labels=None, classes=CLASSES, captions=None, nrows=4, ncols=8, path=None,
+                title=None):
+    """A grid of uint8 images (N, 3, H, W), captioned by class name, or by `captions` if given."""
+    plt = _plt()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 1.5 * nrows + (0.4 if title else 0)))
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+        if captions is not None:
+            ax.set_title(captions[i], fontsize=8)
+        elif labels is not None:
+            ax.set_title(classes[int(labels[i])], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def denormalize(x, mean, std):
+    """Normalised float images back to uint8, for showing what the network sees."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def plot_history(history, title="", path=None):
+    """Loss and accuracy per epoch, train and test side by side."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-o"), ("test", "-s")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, ms=3, label=split)
+        ax_acc.plot(epochs, [h[f"{split}_acc"] for h in history], style, ms=3, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title} loss".strip())
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title} accuracy".strip())
+    ax_acc.axhline(70, color="grey", lw=0.8, ls="--")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_comparison(histories, path=None):
+    """Several runs' test accuracy and train loss on shared axes: histories = {label: history}."""
+    plt = _plt()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        line, = ax_acc.plot(epochs, [h["test_acc"] for h in history], "-o", ms=3, label=f"{label} test")
+        ax_acc.plot(epochs, [h["train_acc"] for h in history], ":", color=line.get_color(),
+                    label=f"{label} train")
+        ax_loss.plot(epochs, [h["test_loss"] for h in history], "-o", ms=3, color=line.get_color(),
+                     label=f"{label} test")
+    ax_loss.set(xlabel="epoch", ylabel="test loss", title="test loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (solid: test, dotted: train)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, title=None):
+    """Misclassified uint8 images as a 5x2 grid (5 columns, 2 rows), captioned predicted/true."""
+    captions = [f"pred: {classes[p]}\ntrue: {classes[t]}" for p, t in zip(predicted.tolist(), true.tolist())]
+    return show_images(images, captions=captions, nrows=2, ncols=5, path=path, title=title)
+
+
+def plot_norm_methods(path=None):
+    """Which entries of an (N, C, H*W) activation each norm pools its mean and variance over:
+    the blue cells share one mean and one variance."""
+    plt = _plt()
+    n, c, hw, groups = 4, 6, 4, 3
+    chosen = {
+        "BatchNorm": lambda i, j: j == 0,                        # one channel, all samples
+        "LayerNorm": lambda i, j: i == 0,                        # one sample, all channels
+        "GroupNorm": lambda i, j: i == 0 and j < c // groups,    # one sample, one group of channels
+    }
+    fig = plt.figure(figsize=(12, 4.2))
+    for k, (name, picks) in enumerate(chosen.items()):
+        ax = fig.add_subplot(1, 3, k + 1, projection="3d")
+        filled = np.ones((n, c, hw), dtype=bool)
+        colors = np.empty(filled.shape, dtype=object)
+        for i in range(n):
+            for j in range(c):
+                colors[i, j, :] = "#4a90d9" if picks(i, j) else "#eeeeee"
+        ax.voxels(filled, facecolors=colors, edgecolors="#555555", linewidth=0.4)
+        ax.set_xlabel("N (samples)")
+        ax.set_ylabel("C (channels)")
+        ax.set_zlabel("H, W")
+        ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
+        ax.view_init(elev=20, azim=-60)
+        ax.set_title(name, fontsize=13)
+    fig.suptitle("Blue: the values that share one mean and variance", fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
