@@ -325,10 +325,11 @@ class Loader:
 
 @dataclass
 class Recipe:
-    """Everything about how a network is trained, in one place."""
+    """Everything about how a network is trained, in one place. The defaults are the recipe
+    the notebooks train with, chosen by the trials in doc/trials.md."""
     build: str = "reference"      # model.BUILDS name
     groups: int = 4               # GroupNorm groups (bn/ln ignore it)
-    dropout: float = None         # None: the build's own
+    dropout: float = None         # None: the build's own (0.02 for the reference build)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.05              # peak learning rate of the one-cycle schedule
@@ -337,21 +338,13 @@ class Recipe:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment = field(default_factory=lambda: Augment(flip=0.5, crop_pad=0,
+                                                             rotate_deg=10, rotate_p=0.1))
 
     def make_model(self, norm):
         from model import Net
         extra = {} if self.dropout is None else {"dropout": self.dropout}
         return Net(norm, groups=self.groups, build=self.build, **extra)
-
-
-RECIPES = {
-    # The seed's network, with SGD + one-cycle and flip/crop augmentation.
-    "reference": Recipe(),
-    # The tuned recipe (issue 5): see doc/trials.md for what each choice measured.
-    "tuned": Recipe(build="tuned", lr=0.1, weight_decay=5e-4, label_smoothing=0.1, batch_size=128,
-                    augment=Augment(flip=0.5, crop_pad=2)),
-}
 
 
 def set_seed(seed):
@@ -383,8 +376,10 @@ def make_optimizer(model, recipe, steps_per_epoch):
     """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch."""
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    # One step more than the batches, so that the step after the last batch stays inside the
+    # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch + 1,
         pct_start=recipe.warmup, anneal_strategy="linear", div_factor=10, final_div_factor=100)
     return opt, sched
 
@@ -481,6 +476,29 @@ def misclassified(model, loader, n=10):
     return wrong.cpu(), pred[wrong].cpu(), loader.labels[wrong].cpu()
 
 
+def norm_by_hand(x, layer):
+    """A norm layer's output recomputed from plain tensor ops: the mean and (biased) variance
+    over the layer's axes, then its per-channel scale and shift. BatchNorm in eval mode uses
+    its running statistics instead of the batch's."""
+    scale, shift = layer.weight.view(1, -1, 1, 1), layer.bias.view(1, -1, 1, 1)
+    if isinstance(layer, torch.nn.BatchNorm2d):
+        if layer.training:                                   # over (N, H, W), per channel
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        else:
+            mean = layer.running_mean.view(1, -1, 1, 1)
+            var = layer.running_var.view(1, -1, 1, 1)
+        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
+    elif isinstance(layer, torch.nn.GroupNorm):              # LayerNorm2d is GroupNorm(1, C)
+        groups = x.reshape(x.shape[0], layer.num_groups, -1)  # (N, G, C/G * H * W)
+        mean = groups.mean(dim=-1, keepdim=True)
+        var = groups.var(dim=-1, keepdim=True, unbiased=False)
+        x_hat = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+    else:
+        raise TypeError(f"norm_by_hand knows BatchNorm2d and GroupNorm, not {type(layer).__name__}")
+    return x_hat * scale + shift
+
+
 # ----------------------------------------------------------------------------- results files
 
 def _atomic_write(path, write, binary=False):
@@ -516,6 +534,51 @@ def load_results(path):
 
 def recipe_dict(recipe):
     return asdict(recipe)
+
+
+def summarize(history):
+    """The headline numbers of one run."""
+    first70 = next((h["epoch"] for h in history if h["test_acc"] >= 70), None)
+    last = history[-1]
+    return dict(epochs=len(history), final_train_acc=last["train_acc"], final_test_acc=last["test_acc"],
+                best_test_acc=max(h["test_acc"] for h in history), first_epoch_70=first70,
+                seconds_per_epoch=round(sum(h["seconds"] for h in history) / len(history), 1),
+                gap=round(last["train_acc"] - last["test_acc"], 2))
+
+
+NORM_TITLES = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
+
+
+def results_table(records):
+    """The README's results table, in Markdown, from results records (one per norm)."""
+    rows = ["| norm | build | parameters | final train acc | final test acc | best test acc | "
+            "first epoch ≥ 70% | s/epoch | epochs | hardware | data | seed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        s = summarize(r["history"])
+        rows.append(f"| {NORM_TITLES.get(r['norm'], r['norm'])} | {r.get('build', '?')} | {r['params']:,} | "
+                    f"{s['final_train_acc']:.2f}% | **{s['final_test_acc']:.2f}%** | {s['best_test_acc']:.2f}% | "
+                    f"{s['first_epoch_70'] or '-'} | {s['seconds_per_epoch']} | {s['epochs']} | "
+                    f"{r['device']} | {r['data']} | {r['seed']} |")
+    return "\n".join(rows)
+
+
+def render_report(results_dir="doc/results", readme="README.md"):
+    """Rewrite the README's generated results block and doc/comparison.png from the results files."""
+    results_dir = Path(results_dir)
+    records = [load_results(results_dir / f"{n}.json") for n in NORM_TITLES
+               if (results_dir / f"{n}.json").exists()]
+    if not records:
+        raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
+    plot_comparison({NORM_TITLES[r["norm"]]: r["history"] for r in records},
+                    path=results_dir.parent / "comparison.png")
+    text = Path(readme).read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{results_table(records)}\n{end}{tail}")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -596,6 +659,26 @@ def plot_comparison(histories, path=None):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def show_augmentations(images, augment, mean, std, seed=0, path=None):
+    """Rows: the originals, then each augmentation on its own at full strength, then the recipe's
+    own mix, all through the same batched code the loader uses."""
+    n = len(images)
+    parts = {"original": Augment(flip=0, crop_pad=0),
+             "flip": Augment(flip=1, crop_pad=0),
+             f"rotate ±{augment.rotate_deg or 10:g}°": Augment(flip=0, crop_pad=0,
+                                                            rotate_deg=augment.rotate_deg or 10, rotate_p=1),
+             f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, crop_pad=augment.crop_pad or 4),
+             "recipe": augment}
+    rows = []
+    for name, aug in parts.items():
+        loader = Loader(images, torch.zeros(n, dtype=torch.int64), mean, std, batch_size=n,
+                        augment=aug, seed=seed)
+        rows.append(denormalize(next(iter(loader))[0], mean, std))
+    grid = torch.cat(rows)
+    captions = [name if i == 0 else "" for name in parts for i in range(n)]
+    return show_images(grid, captions=captions, nrows=len(parts), ncols=n, path=path)
 
 
 def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, title=None):

@@ -72,15 +72,25 @@ def grid():
     return t
 
 
+def notebook_runs(seeds, norms=("bn", "ln", "gn")):
+    """The notebooks' own recipe (utils.Recipe()) with other seeds: the variance runs."""
+    return [dict(name="notebook", norm=n, seed=s, groups=utils.Recipe().groups) for n in norms for s in seeds]
+
+
 def run_one(spec, data_path, device):
     torch.set_num_threads(1)
     data = utils.load_cifar10(data_path)
-    b = dict(spec["build"])
-    b["widths"] = WIDTHS[b["widths"]]
-    recipe = replace(utils.Recipe(groups=spec["groups"], **spec["recipe"]),
-                     augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4), **spec["augment"]}))
     utils.set_seed(spec["seed"])
-    model = Net(spec["norm"], groups=spec["groups"], **b).to(device)
+    if spec["name"].startswith("notebook"):            # exactly what the notebooks train
+        recipe = replace(utils.Recipe(), groups=spec["groups"])
+        model = recipe.make_model(spec["norm"]).to(device)
+    else:
+        b = dict(spec["build"])
+        b["widths"] = WIDTHS[b["widths"]]
+        recipe = replace(utils.Recipe(groups=spec["groups"], **spec["recipe"]),
+                         augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4, rotate_deg=0, rotate_p=0),
+                                                  **spec["augment"]}))
+        model = Net(spec["norm"], groups=spec["groups"], **b).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -108,6 +118,10 @@ def main():
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
+    p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: run the notebooks' "
+                   "recipe for every norm with these seeds instead of the grid")
+    p.add_argument("--gn-groups", default="", help="with --notebook-seeds: also the notebooks' "
+                   "GroupNorm recipe with these group counts (seed 1)")
     p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
                    "with --seeds (for every norm that has them), after the grid")
     a = p.parse_args()
@@ -116,6 +130,10 @@ def main():
     if a.only:
         keep = a.only.split(",")
         specs = [s for s in specs if s["name"] in keep]
+    if a.notebook_seeds:
+        specs = notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
+        specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g))
+                  for g in a.gn_groups.split(",") if g]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
