@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,7 +179,9 @@ def _decode_image_files(files, where):
         items.sort(key=lambda item: item[1])          # the same order on every machine
         for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5)):
             try:
-                img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                with warnings.catch_warnings():   # torchvision 0.29 marks its decoders deprecated
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             except RuntimeError as e:
                 raise RuntimeError(f"{where}: cannot decode {name} ({e}).") from None
             if tuple(img.shape) != IMAGE_SHAPE:
@@ -413,16 +416,19 @@ def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0):
 
 @torch.inference_mode()
 def predict(model, loader):
-    """Log-probabilities for every image of loader, in order, as one float32 tensor."""
+    """(log-probabilities, labels) for every image of loader, in the order the loader yields them."""
     model.eval()
+    outputs, labels = [], []
     with _autocast(loader.device):
-        return torch.cat([model(x).float() for x, _ in loader])
+        for x, y in loader:
+            outputs.append(model(x).float())
+            labels.append(y)
+    return torch.cat(outputs), torch.cat(labels)
 
 
 def evaluate(model, loader):
-    """(mean NLL loss, accuracy %) on loader, without augmentation or gradients."""
-    log_probs = predict(model, loader)
-    y = loader.labels
+    """(mean NLL loss, accuracy %) on loader, without gradients."""
+    log_probs, y = predict(model, loader)
     loss = F.nll_loss(log_probs, y, reduction="sum").item() / len(y)
     return loss, 100.0 * (log_probs.argmax(1) == y).sum().item() / len(y)
 
@@ -471,9 +477,13 @@ def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=No
 def misclassified(model, loader, n=10):
     """Indices (into loader's images), predicted and true labels of the first n test images the
     model gets wrong."""
-    pred = predict(model, loader).argmax(1)
-    wrong = (pred != loader.labels).nonzero().flatten()[:n]
-    return wrong.cpu(), pred[wrong].cpu(), loader.labels[wrong].cpu()
+    if loader.shuffle:
+        raise ValueError("misclassified needs a loader that does not shuffle, so that indices "
+                         "point at its images: pass the test loader")
+    log_probs, labels = predict(model, loader)
+    pred = log_probs.argmax(1)
+    wrong = (pred != labels).nonzero().flatten()[:n]
+    return wrong.cpu(), pred[wrong].cpu(), labels[wrong].cpu()
 
 
 def norm_by_hand(x, layer):
@@ -563,22 +573,96 @@ def results_table(records):
     return "\n".join(rows)
 
 
-def render_report(results_dir="doc/results", readme="README.md"):
-    """Rewrite the README's generated results block and doc/comparison.png from the results files."""
-    results_dir = Path(results_dir)
+def _replace_block(text, name, body):
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"README lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def _read_jsonl(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def seeds_table(records, runs):
+    """Final test accuracy of each notebook run plus the extra seeds of the same recipe: mean ± std."""
+    rows = ["| norm | notebook run (seed 1) | seed 2 | seed 3 | mean ± std (3 seeds) |", "|---|---|---|---|---|"]
+    for r in records:
+        accs = {1: r["history"][-1]["test_acc"]}
+        accs.update({x["seed"]: x["final"] for x in runs
+                     if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x})
+        values = [accs[k] for k in sorted(accs)]
+        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "-" for k in (1, 2, 3))
+        rows.append(f"| {NORM_TITLES[r['norm']]} | {cells} | **{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** |"
+                    if len(values) > 1 else f"| {NORM_TITLES[r['norm']]} | {cells} | - |")
+    return "\n".join(rows)
+
+
+def trials_table(runs):
+    """Every trial of the sweeps: configuration, epochs and final test accuracy."""
+    rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout) | recipe changes | "
+            "epochs | final train acc | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORM_TITLES).index(x["norm"]), x["name"], x["seed"])):
+        build = x.get("build") or {}
+        arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}"
+                if build else "reference, 0, no, 0.02")
+        changes = dict(x.get("recipe") or {}, **(x.get("augment") or {}))
+        if x["norm"] == "gn":
+            changes["groups"] = x["groups"]
+        recipe = ", ".join(f"{k}={v}" for k, v in changes.items()) if x["name"] != "notebook" or x["norm"] == "gn" \
+            else "the notebooks' recipe"
+        rows.append(f"| {x['norm']} | {x['name']} | {x['seed']} | {x['params']:,} | {arch} | {recipe} | "
+                    f"{len(x['history'])} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
+    return "\n".join(rows)
+
+
+def speed_table(records):
+    rows = ["| machine | ours: pipeline | conventional pipeline | compute floor | our training epoch | evaluation | "
+            "s per epoch | overhead | pipeline speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        rates = " | ".join(f"{row['images_per_s']:,.0f}" for row in r["rows"])
+        rows.append(f"| {r['device']} (torch {r['torch']}) | {rates} | {r['epoch_seconds']} | "
+                    f"**{r['overhead']:.2f}** | **{r['pipeline_speedup']:.1f}x** |")
+    return "\n".join(rows)
+
+
+def _notebook_lines(path, prefix):
+    """Output lines of an executed notebook that start with prefix (numbers quoted from its run)."""
+    nb = json.loads(Path(path).read_text())
+    return [line for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell.get("outputs", [])
+            if out.get("output_type") == "stream" for line in "".join(out["text"]).splitlines()
+            if line.startswith(prefix)]
+
+
+def render_report(root="."):
+    """Rewrite the README's generated blocks (results, seeds, trials, speed, data statistics),
+    doc/trials.md and doc/comparison.png, from doc/results/ and the executed notebooks."""
+    root = Path(root)
+    results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORM_TITLES
                if (results_dir / f"{n}.json").exists()]
     if not records:
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
-    plot_comparison({NORM_TITLES[r["norm"]]: r["history"] for r in records},
-                    path=results_dir.parent / "comparison.png")
-    text = Path(readme).read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} lacks the {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    Path(readme).write_text(f"{head}{start}\n{results_table(records)}\n{end}{tail}")
+    plot_comparison({NORM_TITLES[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
+    runs = _read_jsonl(results_dir / "trials-grid.jsonl") + _read_jsonl(results_dir / "trials-seeds.jsonl")
+    trials = trials_table(runs)
+    _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
+        "# Trials\n\nEvery full 20-epoch training of the sweeps (`benchmarks/sweep.py`), written from "
+        "`doc/results/trials-*.jsonl`. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
+        "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
+        "flip p=0.5 and a random crop with padding 4 (no rotation).\n\n" + trials + "\n"))
+    speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
+    stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
+                      _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
+    text = (root / "README.md").read_text()
+    text = _replace_block(text, "results", results_table(records))
+    text = _replace_block(text, "seeds", seeds_table(records, runs))
+    text = _replace_block(text, "trials", trials)
+    text = _replace_block(text, "speed", speed_table(speeds))
+    text = _replace_block(text, "stats", f"```\n{stats}\n```")
+    (root / "README.md").write_text(text)
 
 
 # ----------------------------------------------------------------------------- plots

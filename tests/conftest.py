@@ -1,0 +1,34 @@
+"""Shared fixtures, and nbval settings: notebooks are compared on stdout only (tqdm writes its
+bars to stderr, whose rates and times change from run to run)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_collectstart(collector):
+    if hasattr(collector, "skip_compare"):          # nbval's notebook collector
+        collector.skip_compare += ("stderr",)
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """The real data set that S8_DATA points at. Under CI a missing copy is a failure."""
+    source = os.environ.get("S8_DATA")
+    if not source or not Path(source).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"S8_DATA={source!r} does not point at a CIFAR-10 copy; CI needs the real data")
+        pytest.skip("S8_DATA not set: point it at a CIFAR-10 copy to run the real-data tests")
+    import utils
+    return utils.load_cifar10(source, data_dir=ROOT / "data")
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -1,0 +1,141 @@
+import io
+import pickle
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+import utils
+
+
+def write_imagefolder(root, per_class=2, size=32, skip_class=None):
+    """A small ImageFolder copy of real-looking JPEGs: train/<class>/*.jpg and test/<class>/*.jpg."""
+    g = torch.Generator().manual_seed(1)
+    for split in ("train", "test"):
+        for c, name in enumerate(utils.CLASSES):
+            if name == skip_class:
+                continue
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                img = torch.full((3, size, size), 20 * c, dtype=torch.uint8)   # the class is in the pixels
+                img[:, :4, :4] = torch.randint(0, 256, (3, 4, 4), generator=g, dtype=torch.uint8)
+                (root / split / name / f"{i:04d}.jpg").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
+
+
+def test_imagefolder_folder_labels_stay_with_images(tmp_path):
+    write_imagefolder(tmp_path / "copy")
+    data = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+    assert data.train_images.shape == (20, 3, 32, 32) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (20, 3, 32, 32)
+    assert data.classes == utils.CLASSES
+    # the class index is written into the pixel values: JPEG keeps flat colour within a few levels
+    centre = data.train_images[:, 0, 16, 16].float()
+    assert torch.allclose(centre, 20 * data.train_labels.float(), atol=3)
+
+
+def test_tar_gz_and_cache(tmp_path):
+    write_imagefolder(tmp_path / "copy")
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "copy" / "train", "train")
+        tar.add(tmp_path / "copy" / "test", "test")
+    first = utils.load_cifar10(archive, data_dir=tmp_path / "data")
+    assert len(list((tmp_path / "data" / "cache").glob("*.pt"))) == 1
+    second = utils.load_cifar10(archive, data_dir=tmp_path / "data")
+    assert torch.equal(first.train_images, second.train_images)
+    assert torch.equal(first.test_labels, second.test_labels)
+    folder = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data2")
+    assert torch.equal(first.train_images, folder.train_images)
+
+
+def test_torchvision_pickle_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = dict(data=rng.integers(0, 256, (3, 3072), dtype=np.uint8), labels=[1, 5, 9])
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(utils.CLASSES)}))
+    data = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data")
+    assert data.train_images.shape == (15, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
+    assert data.train_labels.tolist() == [1, 5, 9] * 5
+    # torchvision's layout: the 3072 values are the R plane, then G, then B, row-major
+    assert torch.equal(data.test_images[2], torch.from_numpy(batches["test_batch"]["data"][2]).view(3, 32, 32))
+
+
+def test_missing_source_names_the_ways_to_provide_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="S8_DATA"):
+        utils.load_cifar10(tmp_path / "nowhere", data_dir=tmp_path / "data")
+
+
+def test_offline_download_fails_with_the_fix(tmp_path, monkeypatch):
+    import torchvision
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.delenv("S8_DATA", raising=False)
+    with pytest.raises(RuntimeError, match=r"Could not download CIFAR-10.*S8_DATA.*tar\.gz"):
+        utils.load_cifar10(data_dir=tmp_path / "data")
+
+
+def test_corrupt_archive(tmp_path):
+    bad = tmp_path / "cifar.tar.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00" + b"not really gzip" * 10)
+    with pytest.raises(RuntimeError, match="corrupt or truncated|not a readable"):
+        utils.load_cifar10(bad, data_dir=tmp_path / "data")
+
+
+def test_truncated_archive(tmp_path):
+    write_imagefolder(tmp_path / "copy", per_class=3)
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "copy" / "train", "train")
+        tar.add(tmp_path / "copy" / "test", "test")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match="corrupt or truncated|not a readable"):
+        utils.load_cifar10(archive, data_dir=tmp_path / "data")
+
+
+def test_wrong_image_size(tmp_path):
+    write_imagefolder(tmp_path / "copy", size=28)
+    with pytest.raises(RuntimeError, match=r"28x28 pixels; CIFAR-10 images are 32x32"):
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+
+
+def test_missing_class_folder(tmp_path):
+    write_imagefolder(tmp_path / "copy", skip_class="truck")
+    with pytest.raises(RuntimeError, match=r"no folder for class\(es\) \['truck'\]"):
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+
+
+def test_mean_std_is_exact_against_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (7, 3, 5, 4), dtype=np.uint8)
+    x[:, 1] //= 4                                      # channels with different statistics
+    mean, std = utils.channel_mean_std(torch.from_numpy(x))
+    ref = x.astype(np.float64) / 255
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-10)
+    with pytest.raises(TypeError):
+        utils.channel_mean_std(torch.from_numpy(x).float())
+
+
+def test_real_data_set(cifar):
+    """The copy S8_DATA points at: full size, balanced, right statistics; the second load is fast."""
+    assert cifar.train_images.shape == (50000, 3, 32, 32) and cifar.test_images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(cifar.train_labels).tolist() == [5000] * 10
+    assert torch.bincount(cifar.test_labels).tolist() == [1000] * 10
+    mean, std = utils.channel_mean_std(cifar.train_images)
+    np.testing.assert_allclose(mean, (0.491, 0.482, 0.447), atol=2e-3)
+    np.testing.assert_allclose(std, (0.246, 0.243, 0.261), atol=3e-3)
+    import os
+    start = time.perf_counter()
+    utils.load_cifar10(os.environ["S8_DATA"], data_dir=utils.Path(__file__).parent.parent / "data")
+    assert time.perf_counter() - start < 1.0

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from model import BUILDS, LayerNorm2d, Net, count_parameters, receptive_field
+
+NORM_TYPES = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d, "gn": nn.GroupNorm}
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_reference_build_parameters_shapes_and_receptive_field(norm):
+    net = Net(norm)
+    assert count_parameters(net) == 46064          # same count for every norm: 2 per channel
+    out = net(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)
+    assert torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-5)   # log-probabilities
+    rows = receptive_field(net)
+    assert [r["layer"] for r in rows][-3:] == ["C9", "GAP", "c10"]
+    assert next(r for r in rows if r["layer"] == "C9")["rf"] == 44
+    assert next(r for r in rows if r["layer"] == "C9")["out"] == 4
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_every_build_stays_under_50k(build, norm):
+    net = Net(norm, build=build)
+    assert count_parameters(net) < 50000
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_receptive_field_follows_the_modules():
+    """Padding C8/C9 keeps the 8x8 map; the receptive field is the same, the output size not."""
+    rows = {r["layer"]: r for r in receptive_field(Net("bn", tail_padding=1))}
+    assert rows["C9"]["out"] == 8 and rows["C9"]["rf"] == 44
+    assert receptive_field(Net("bn"), input_size=64)[-3]["out"] == 12
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_each_build_holds_only_the_norm_it_claims(norm):
+    net = Net(norm, groups=4)
+    norms = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm,
+                                                         nn.InstanceNorm2d))]
+    assert len(norms) == 10                       # every block but c10
+    assert all(type(m) is NORM_TYPES[norm] for m in norms)
+    if norm == "ln":
+        assert all(m.num_groups == 1 for m in norms)
+    if norm == "gn":
+        assert all(m.num_groups == 4 for m in norms)
+
+
+def test_skips_only_where_shapes_match():
+    net = Net("bn", build="wide-tail")
+    skipped = [name for name, block in net.layers.named_children() if getattr(block, "skip", False)]
+    assert skipped == ["C4", "C5"]                # the only 32->32 blocks of that build
+    for name in skipped:
+        block = getattr(net.layers, name)
+        assert block.conv.in_channels == block.conv.out_channels and block.conv.padding == (1, 1)
+
+
+def test_unknown_norm_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown norm 'batch'.*'bn'.*'ln'.*'gn'"):
+        Net("batch")
+
+
+def test_groups_that_do_not_divide_name_layer_channels_and_choices():
+    with pytest.raises(ValueError, match=r"groups=3 does not divide the 16 channels of layer C1.*\[1, 2, 4, 8, 16\]"):
+        Net("gn", groups=3)
+    with pytest.raises(ValueError, match=r"groups=12 does not divide the 32 channels of layer C2"):
+        Net("gn", groups=12, widths=(12, 32, 12, 12, 12, 12, 12, 12, 12, 12))
+    assert count_parameters(Net("gn", groups=16)) == 46064
+
+
+def test_unknown_build_and_wrong_input():
+    with pytest.raises(ValueError, match="unknown build"):
+        Net("bn", build="huge")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        Net("bn")(torch.randn(2, 1, 32, 32))

@@ -1,0 +1,142 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import utils
+from model import Net
+
+
+def test_loader_batches_labels_and_determinism(images):
+    labels = torch.arange(20)
+    # the label is written into the image, so we can check that it travels with it
+    marked = images.clone()
+    marked[:, 0, 0, 0] = labels.to(torch.uint8) * 10
+    make = lambda seed: utils.Loader(marked, labels, (0.5,) * 3, (0.25,) * 3, batch_size=8, shuffle=True,
+                                     augment=utils.Augment(flip=0, crop_pad=0), seed=seed)
+    loader = make(0)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [8, 8, 4]
+    for x, y in batches:
+        pixel = x[:, 0, 0, 0] * 0.25 + 0.5                      # undo the normalisation
+        assert torch.allclose(pixel * 255, y.float() * 10, atol=1e-3)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(20))
+    again = list(make(0))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    other = list(make(1))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches, other))
+    second_epoch = list(loader)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches, second_epoch))
+
+
+def test_loader_rejects_wrong_images():
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        utils.Loader(torch.zeros(4, 3, 28, 28, dtype=torch.uint8), torch.zeros(4), (0,) * 3, (1,) * 3)
+    with pytest.raises(ValueError, match="uint8"):
+        utils.Loader(torch.zeros(4, 3, 32, 32), torch.zeros(4), (0,) * 3, (1,) * 3)
+
+
+def test_zero_shift_and_no_flip_are_the_identity():
+    x = torch.randn(5, 3, 32, 32)
+    assert torch.equal(utils.translate(x, torch.zeros(5, 2, dtype=torch.long), 4), x)
+    assert torch.equal(utils.hflip(x, torch.zeros(5, dtype=torch.bool)), x)
+    assert torch.allclose(utils.rotate(x, torch.zeros(5)), x, atol=1e-5)
+
+
+def test_augmentations_move_pixels_as_claimed():
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(utils.hflip(x, torch.tensor([True, False]))[0], x[0].flip(2))
+    shifted = utils.translate(x, torch.tensor([[2, -3], [0, 0]]), 4)
+    assert torch.equal(shifted[0, :, 2:, :29], x[0, :, :30, 3:])        # down 2, left 3
+    assert torch.all(shifted[0, :, :2] == 0) and torch.all(shifted[0, :, :, 29:] == 0)
+    turned = utils.rotate(x, torch.tensor([90.0, 0.0]))
+    assert torch.allclose(turned[0], x[0].rot90(1, dims=(1, 2)), atol=1e-4) or \
+        torch.allclose(turned[0], x[0].rot90(-1, dims=(1, 2)), atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_norm_by_hand_matches_the_layer(norm, mode):
+    torch.manual_seed(0)
+    net = Net(norm)
+    block = net.layers.C2
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.uniform_(-0.5, 0.5)
+        feat = block.conv(net.layers.C1(torch.randn(6, 3, 32, 32)))
+        if norm == "bn":                          # give the running statistics real values
+            block.norm.train()
+            for _ in range(3):
+                block.norm(feat + torch.randn_like(feat))
+        getattr(block.norm, mode)()
+        by_hand = utils.norm_by_hand(feat, block.norm)
+        assert torch.allclose(by_hand, block.norm(feat), atol=1e-5)
+        # and it is not trivially true: the layer changes the values
+        assert not torch.allclose(by_hand, feat, atol=1e-2)
+
+
+def test_short_training_lowers_the_loss(cifar):
+    utils.set_seed(0)
+    recipe = utils.Recipe(epochs=3, lr=0.05)
+    train, test = utils.make_loaders(cifar, recipe, "cpu", seed=0, train_subset=2048, test_subset=512)
+    # the same training images without augmentation, to measure the loss before and after
+    seen, _ = utils.make_loaders(cifar, utils.Recipe(augment=None), "cpu", seed=0, train_subset=2048, test_subset=8)
+    net = recipe.make_model("bn")
+    before, _ = utils.evaluate(net, seen)
+    history = utils.fit(net, train, test, recipe, progress=False)
+    after, _ = utils.evaluate(net, seen)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert after < before - 0.2
+    assert history[-1]["lr"] < recipe.lr / 50                 # one-cycle ends near zero, never below
+    assert history[-1]["lr"] > 0
+    # misclassified picks really are misclassified by this model
+    index, predicted, true = utils.misclassified(net, test, n=10)
+    assert len(index) == 10
+    with torch.no_grad():
+        net.eval()
+        again = net(test.images[index]).argmax(1)
+    assert torch.equal(again, predicted)
+    assert torch.all(predicted != true) and torch.equal(true, test.labels[index])
+
+
+def test_results_file_round_trip_and_atomic(tmp_path):
+    history = [dict(epoch=1, train_loss=1.0, train_acc=50.0, test_loss=1.1, test_acc=71.0, lr=0.01, seconds=2.0)]
+    path = tmp_path / "results" / "bn.json"
+    utils.save_results(path, "bn", 46064, "cpu", "test data", 1, history)
+    assert utils.load_results(path)["history"] == history
+    with pytest.raises(ZeroDivisionError):
+        utils._atomic_write(path, lambda f: (f.write("{partial"), 1 / 0))
+    assert json.loads(path.read_text())["params"] == 46064      # the old file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["bn.json"]  # no temporary left behind
+    path.write_text(json.dumps({"norm": "bn"}))
+    with pytest.raises(ValueError, match="lacks"):
+        utils.load_results(path)
+
+
+def test_plots_write_files(tmp_path, images):
+    import matplotlib
+    matplotlib.use("Agg")
+    history = [dict(epoch=e, train_loss=1.0 / e, train_acc=60 + e, test_loss=1.1 / e, test_acc=59 + e,
+                    lr=0.01, seconds=1.0) for e in (1, 2)]
+    utils.show_images(images, torch.zeros(20, dtype=torch.long), path=tmp_path / "a.png")
+    utils.plot_history(history, "BN", path=tmp_path / "b.png")
+    utils.plot_comparison({"BN": history, "GN": history}, path=tmp_path / "c.png")
+    utils.plot_misclassified(images[:10], torch.arange(10), torch.arange(10).flip(0), path=tmp_path / "d.png")
+    utils.plot_norm_methods(path=tmp_path / "e.png")
+    utils.show_augmentations(images[:4], utils.Recipe().augment, (0.5,) * 3, (0.25,) * 3, path=tmp_path / "f.png")
+    assert all((tmp_path / f"{n}.png").stat().st_size > 1000 for n in "abcdef")
+
+
+def test_readme_table_matches_results_files():
+    """The README's results block is what render_report writes from doc/results/*.json."""
+    root = utils.Path(__file__).resolve().parent.parent
+    records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
+    readme = (root / "README.md").read_text()
+    assert utils.results_table(records) in readme
+    for r in records:
+        assert r["params"] < 50000 and len(r["history"]) <= 20
+        assert r["history"][-1]["test_acc"] >= 70
