@@ -652,7 +652,9 @@ def render_report(root="."):
         "# Trials\n\nEvery full 20-epoch training of the sweeps (`benchmarks/sweep.py`), written from "
         "`doc/results/trials-*.jsonl`. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
         "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
-        "flip p=0.5 and a random crop with padding 4 (no rotation).\n\n" + trials + "\n"))
+        "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c` "
+        "are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` (`WIDTHS`).\n\n"
+        + trials + "\n"))
     speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
     stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
                       _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
