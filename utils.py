@@ -5,7 +5,6 @@ Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training
 plots. Every notebook calls these; nothing here is notebook-specific.
 """
 import hashlib
-import io
 import json
 import math
 import os
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
+
+from model import NORMS, Net
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -345,7 +346,6 @@ class Recipe:
                                                              rotate_deg=10, rotate_p=0.1))
 
     def make_model(self, norm):
-        from model import Net
         extra = {} if self.dropout is None else {"dropout": self.dropout}
         return Net(norm, groups=self.groups, build=self.build, **extra)
 
@@ -556,9 +556,6 @@ def summarize(history):
                 gap=round(last["train_acc"] - last["test_acc"], 2))
 
 
-NORM_TITLES = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
-
-
 def results_table(records):
     """The README's results table, in Markdown, from results records (one per norm)."""
     rows = ["| norm | build | parameters | final train acc | final test acc | best test acc | "
@@ -566,7 +563,7 @@ def results_table(records):
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = summarize(r["history"])
-        rows.append(f"| {NORM_TITLES.get(r['norm'], r['norm'])} | {r.get('build', '?')} | {r['params']:,} | "
+        rows.append(f"| {NORMS.get(r['norm'], r['norm'])} | {r.get('build', '?')} | {r['params']:,} | "
                     f"{s['final_train_acc']:.2f}% | **{s['final_test_acc']:.2f}%** | {s['best_test_acc']:.2f}% | "
                     f"{s['first_epoch_70'] or '-'} | {s['seconds_per_epoch']} | {s['epochs']} | "
                     f"{r['device']} | {r['data']} | {r['seed']} |")
@@ -595,8 +592,8 @@ def seeds_table(records, runs):
                      if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x})
         values = [accs[k] for k in sorted(accs)]
         cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "-" for k in (1, 2, 3))
-        rows.append(f"| {NORM_TITLES[r['norm']]} | {cells} | **{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** |"
-                    if len(values) > 1 else f"| {NORM_TITLES[r['norm']]} | {cells} | - |")
+        rows.append(f"| {NORMS[r['norm']]} | {cells} | **{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** |"
+                    if len(values) > 1 else f"| {NORMS[r['norm']]} | {cells} | - |")
     return "\n".join(rows)
 
 
@@ -604,7 +601,7 @@ def trials_table(runs):
     """Every trial of the sweeps: configuration, epochs and final test accuracy."""
     rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout) | recipe changes | "
             "epochs | final train acc | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
-    for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORM_TITLES).index(x["norm"]), x["name"], x["seed"])):
+    for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORMS).index(x["norm"]), x["name"], x["seed"])):
         build = x.get("build") or {}
         arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}"
                 if build else "reference, 0, no, 0.02")
@@ -641,11 +638,11 @@ def render_report(root="."):
     doc/trials.md and doc/comparison.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
-    records = [load_results(results_dir / f"{n}.json") for n in NORM_TITLES
+    records = [load_results(results_dir / f"{n}.json") for n in NORMS
                if (results_dir / f"{n}.json").exists()]
     if not records:
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
-    plot_comparison({NORM_TITLES[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
+    plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = _read_jsonl(results_dir / "trials-grid.jsonl") + _read_jsonl(results_dir / "trials-seeds.jsonl")
     trials = trials_table(runs)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
