@@ -25,15 +25,33 @@ WIDTHS = {
     "a": (16, 24, 16, 32, 32, 32, 16, 24, 32, 36),
     "b": (16, 32, 16, 24, 32, 32, 16, 24, 32, 40),
     "c": (12, 24, 16, 32, 32, 32, 16, 24, 32, 40),
+    # with the 16x16 and 8x8 stages depthwise-separable (SEP_LOW): twice to three times as wide
+    "s1": (16, 32, 32, 64, 64, 64, 48, 96, 96, 112),
+    # every 3x3 block but C1 depthwise-separable (SEP_ALL)
+    "s2": (32, 64, 32, 64, 64, 64, 48, 96, 96, 112),
 }
+SEP_LOW = ("C3", "C4", "C5", "C7", "C8", "C9")
+SEP_ALL = ("C2",) + SEP_LOW
 
 
 def trial(name, norm, seed=1, widths="ref", tail_padding=0, skips=False, dropout=0.02, groups=4,
-          **recipe):
+          separable=(), **recipe):
     aug = {k: recipe.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in recipe}
-    return dict(name=name, norm=norm, seed=seed,
-                build=dict(widths=widths, tail_padding=tail_padding, skips=skips, dropout=dropout),
-                groups=groups, recipe=recipe, augment=aug)
+    build = dict(widths=widths, tail_padding=tail_padding, skips=skips, dropout=dropout)
+    if separable:
+        build["separable"] = list(separable)
+    return dict(name=name, norm=norm, seed=seed, build=build, groups=groups, recipe=recipe,
+                augment=aug)
+
+
+def proxy(epochs=4):
+    """Short CPU runs (seed 1, the notebooks' augmentation) that rank ideas before full runs."""
+    nb = dict(lr=0.05, crop_pad=0, rotate_deg=10, rotate_p=0.1, epochs=epochs)
+    return [
+        trial(f"seed-like {epochs}ep", "bn", **nb),
+        trial(f"s1 sep-low {epochs}ep", "bn", widths="s1", separable=SEP_LOW, **nb),
+        trial(f"s2 sep-all {epochs}ep", "bn", widths="s2", separable=SEP_ALL, **nb),
+    ]
 
 
 def grid():
@@ -77,8 +95,8 @@ def notebook_runs(seeds, norms=("bn", "ln", "gn")):
     return [dict(name="notebook", norm=n, seed=s, groups=utils.Recipe().groups) for n in norms for s in seeds]
 
 
-def run_one(spec, data_path, device):
-    torch.set_num_threads(1)
+def run_one(spec, data_path, device, threads=1):
+    torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
     utils.set_seed(spec["seed"])
     if spec["name"].startswith("notebook"):            # exactly what the notebooks train
@@ -87,13 +105,13 @@ def run_one(spec, data_path, device):
     else:
         b = dict(spec["build"])
         b["widths"] = WIDTHS[b["widths"]]
+        b["separable"] = tuple(b.get("separable", ()))
         recipe = replace(utils.Recipe(groups=spec["groups"], **spec["recipe"]),
                          augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4, rotate_deg=0, rotate_p=0),
                                                   **spec["augment"]}))
         model = Net(spec["norm"], groups=spec["groups"], **b).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = True        # faster on CUDA and on CPU (benchmarks/speed.py)
+    model = model.to(memory_format=torch.channels_last)
     train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], channels_last=channels_last)
     start = time.time()
     history = utils.fit(model, train, test, recipe, progress=False)
@@ -104,9 +122,9 @@ def run_one(spec, data_path, device):
 
 
 def worker(args):
-    spec, data_path = args
+    spec, data_path, threads = args
     try:
-        return run_one(spec, data_path, utils.pick_device())
+        return run_one(spec, data_path, utils.pick_device(), threads)
     except Exception as e:    # one broken config must not end the sweep
         return dict(spec, error=repr(e))
 
@@ -118,6 +136,9 @@ def main():
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
+    p.add_argument("--grid", choices=["grid", "proxy"], default="grid",
+                   help="grid: full 20-epoch runs; proxy: short runs that rank ideas on a CPU")
+    p.add_argument("--proxy-epochs", type=int, default=4)
     p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: run the notebooks' "
                    "recipe for every norm with these seeds instead of the grid")
     p.add_argument("--gn-groups", default="", help="with --notebook-seeds: also the notebooks' "
@@ -126,7 +147,7 @@ def main():
                    "with --seeds (for every norm that has them), after the grid")
     a = p.parse_args()
     utils.load_cifar10(a.data)          # decode once; the workers read the cache
-    specs = grid()
+    specs = grid() if a.grid == "grid" else proxy(a.proxy_epochs)
     if a.only:
         keep = a.only.split(",")
         specs = [s for s in specs if s["name"] in keep]
@@ -138,7 +159,8 @@ def main():
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
     with get_context("spawn").Pool(a.workers) as pool, open(a.out, "a") as out:
-        for r in pool.imap_unordered(worker, [(s, a.data) for s in specs]):
+        threads = max(1, (os.cpu_count() or 1) // a.workers)
+        for r in pool.imap_unordered(worker, [(s, a.data, threads) for s in specs]):
             out.write(json.dumps(r) + "\n")
             out.flush()
             print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"),

@@ -75,3 +75,22 @@ def test_unknown_build_and_wrong_input():
         Net("bn", build="huge")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         Net("bn")(torch.randn(2, 1, 32, 32))
+
+
+def test_separable_blocks_are_depthwise_then_pointwise():
+    widths = (16, 32, 32, 64, 64, 64, 48, 96, 96, 112)
+    net = Net("bn", widths=widths, separable=("C4", "C8"))
+    dw, pw = net.layers.C4.conv
+    assert (dw.groups, dw.in_channels, dw.out_channels, dw.kernel_size) == (64, 64, 64, (3, 3))
+    assert (pw.in_channels, pw.out_channels, pw.kernel_size) == (64, 64, (1, 1))
+    assert isinstance(net.layers.C5.conv, nn.Conv2d)          # not named: a full 3x3 conv
+    full = Net("bn", widths=widths)
+    saved = (9 * 64 * 64 - (9 * 64 + 64 * 64)) + (9 * 96 * 96 - (9 * 96 + 96 * 96))
+    assert count_parameters(full) - count_parameters(net) == saved
+    assert receptive_field(net)[-3]["rf"] == 44                # the depthwise 3x3 keeps the RF
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_separable_names_must_be_3x3_blocks():
+    with pytest.raises(ValueError, match=r"separable names \['c3'\].*'C1'"):
+        Net("bn", separable=("c3",))
