@@ -101,6 +101,12 @@ def test_short_training_lowers_the_loss(cifar):
         again = net(test.images[index]).argmax(1)
     assert torch.equal(again, predicted)
     assert torch.all(predicted != true) and torch.equal(true, test.labels[index])
+    # ... and are spread over the true classes: one error of every class before a second of any
+    with torch.no_grad():
+        all_wrong = net(test.images).argmax(1) != test.labels
+    classes = test.labels[all_wrong].unique()
+    k = min(10, len(classes))
+    assert len(classes) > 1 and sorted(true[:k].tolist()) == sorted(classes[:k].tolist())
 
 
 def test_results_file_round_trip_and_atomic(tmp_path):
