@@ -591,27 +591,54 @@ def _read_jsonl(path):
 
 
 def seeds_table(records, runs):
-    """Final test accuracy of each notebook run plus the extra seeds of the same recipe: mean ± std."""
-    rows = ["| norm | notebook run (seed 1) | seed 2 | seed 3 | mean ± std (3 seeds) |", "|---|---|---|---|---|"]
+    """Final test accuracy of each notebook run (seed 1) plus the extra seeds run through the same
+    recipe and build (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several."""
+    rows = ["| norm | build | notebook run (seed 1) | seed 2 | seed 3 | mean ± std |",
+            "|---|---|---|---|---|---|"]
     for r in records:
+        build = r.get("build", "reference")
         accs = {1: r["history"][-1]["test_acc"]}
+        # seed runs from before the build was recorded trained the reference build
         accs.update({x["seed"]: x["final"] for x in runs
-                     if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x})
+                     if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x
+                     and x.get("notebook_build", "reference") == build})
         values = [accs[k] for k in sorted(accs)]
-        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "-" for k in (1, 2, 3))
-        rows.append(f"| {NORMS[r['norm']]} | {cells} | **{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** |"
-                    if len(values) > 1 else f"| {NORMS[r['norm']]} | {cells} | - |")
+        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
+        spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
+                  if len(values) > 1 else "-")
+        rows.append(f"| {NORMS[r['norm']]} | {build} | {cells} | {spread} |")
+    return "\n".join(rows)
+
+
+def build_effect_table(records, reference, proxies):
+    """What the separable build changed: the same recipe and seed with each build, in the
+    4-epoch CPU proxies and in the full notebook runs."""
+    rows = ["| comparison (seed 1, same recipe) | reference build | separable build | change |",
+            "|---|---|---|---|"]
+    by_widths = {(x["norm"], x["build"]["widths"]): x for x in proxies if "final" in x}
+    for norm in NORMS:
+        ref, sep = by_widths.get((norm, "ref")), by_widths.get((norm, "s1"))
+        if ref and sep:
+            rows.append(f"| {NORMS[norm]}, {len(sep['history'])}-epoch CPU proxy | {ref['final']:.2f}% | "
+                        f"{sep['final']:.2f}% | **{sep['final'] - ref['final']:+.2f}** |")
+    old = {r["norm"]: r for r in reference}
+    for r in records:
+        if r["norm"] in old and r.get("build") == "separable":
+            a, b = old[r["norm"]]["history"][-1]["test_acc"], r["history"][-1]["test_acc"]
+            rows.append(f"| {NORMS[r['norm']]}, {len(r['history'])}-epoch notebook run | {a:.2f}% "
+                        f"({old[r['norm']]['device']}) | {b:.2f}% ({r['device']}) | **{b - a:+.2f}** |")
     return "\n".join(rows)
 
 
 def trials_table(runs):
     """Every trial of the sweeps: configuration, epochs and final test accuracy."""
-    rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout) | recipe changes | "
-            "epochs | final train acc | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout, separable blocks) | "
+            "recipe changes | epochs | final train acc | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
     for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORMS).index(x["norm"]), x["name"], x["seed"])):
         build = x.get("build") or {}
-        arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}"
-                if build else "reference, 0, no, 0.02")
+        arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}, "
+                + (" ".join(build["separable"]) if build.get("separable") else "none")
+                if build else f"{x.get('notebook_build', 'reference')} build")
         changes = dict(x.get("recipe") or {}, **(x.get("augment") or {}))
         if x["norm"] == "gn":
             changes["groups"] = x["groups"]
@@ -650,22 +677,29 @@ def render_report(root="."):
     if not records:
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
-    runs = _read_jsonl(results_dir / "trials-grid.jsonl") + _read_jsonl(results_dir / "trials-seeds.jsonl")
+    runs = [x for name in ("grid", "seeds", "proxy") for x in _read_jsonl(results_dir / f"trials-{name}.jsonl")]
+    reference = [load_results(results_dir / "reference-build" / f"{n}.json") for n in NORMS
+                 if (results_dir / "reference-build" / f"{n}.json").exists()]
     trials = trials_table(runs)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
-        "# Trials\n\nEvery full 20-epoch training of the sweeps (`benchmarks/sweep.py`), written from "
-        "`doc/results/trials-*.jsonl`. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
+        "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
+        "`doc/results/trials-*.jsonl`: full 20-epoch runs on an NVIDIA H200, and short CPU proxies "
+        "(the epochs column says 4; their one-cycle schedule spans those 4 epochs) that rank ideas "
+        "before a full run. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
         "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
-        "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c` "
-        "are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` (`WIDTHS`).\n\n"
+        "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c`, "
+        "`s1`, `s2` are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` "
+        "(`WIDTHS`); \"notebook\" rows are the notebooks' recipe of their time, with the build named.\n\n"
         + trials + "\n"))
     speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
     stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
                       _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
     text = (root / "README.md").read_text()
     text = _replace_block(text, "results", results_table(records))
-    text = _replace_block(text, "seeds", seeds_table(records, runs))
+    text = _replace_block(text, "seeds", seeds_table(records + reference, runs))
     text = _replace_block(text, "trials", trials)
+    text = _replace_block(text, "effects", build_effect_table(
+        records, reference, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     (root / "README.md").write_text(text)

@@ -92,7 +92,9 @@ def grid():
 
 def notebook_runs(seeds, norms=("bn", "ln", "gn")):
     """The notebooks' own recipe (utils.Recipe()) with other seeds: the variance runs."""
-    return [dict(name="notebook", norm=n, seed=s, groups=utils.Recipe().groups) for n in norms for s in seeds]
+    recipe = utils.Recipe()
+    return [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build)
+            for n in norms for s in seeds]
 
 
 def run_one(spec, data_path, device, threads=1):
@@ -153,7 +155,8 @@ def main():
         specs = [s for s in specs if s["name"] in keep]
     if a.notebook_seeds:
         specs = notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
-        specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g))
+        specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
+                       notebook_build=utils.Recipe().build)
                   for g in a.gn_groups.split(",") if g]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]

@@ -94,3 +94,14 @@ def test_separable_blocks_are_depthwise_then_pointwise():
 def test_separable_names_must_be_3x3_blocks():
     with pytest.raises(ValueError, match=r"separable names \['c3'\].*'C1'"):
         Net("bn", separable=("c3",))
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_the_notebooks_separable_build(norm):
+    """The build the notebooks train (README section 3): 49,920 parameters, RF 44, GN groups 4."""
+    net = Net(norm, build="separable")
+    assert count_parameters(net) == 49920
+    rows = {r["layer"]: r for r in receptive_field(net)}
+    assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
+    separable = [n for n, b in net.layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
+    assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]

@@ -146,3 +146,16 @@ def test_readme_table_matches_results_files():
     for r in records:
         assert r["params"] < 50000 and len(r["history"]) <= 20
         assert r["history"][-1]["test_acc"] >= 70
+
+
+def test_seeds_table_pools_only_runs_of_the_same_build():
+    def record(build, acc):
+        return dict(norm="bn", build=build, history=[dict(test_acc=acc)])
+    runs = [dict(name="notebook", norm="bn", seed=2, final=80.0),            # before builds were recorded
+            dict(name="notebook", norm="bn", seed=2, final=84.0, notebook_build="separable"),
+            dict(name="notebook", norm="ln", seed=3, final=70.0, notebook_build="separable")]
+    rows = utils.seeds_table([record("separable", 83.0), record("reference", 81.0)], runs).splitlines()[2:]
+    assert rows[0] == "| BatchNorm | separable | 83.00% | 84.00% | not run | **83.50 ± 0.71%** (2 seeds) |"
+    assert rows[1] == "| BatchNorm | reference | 81.00% | 80.00% | not run | **80.50 ± 0.71%** (2 seeds) |"
+    alone = utils.seeds_table([record("wide-tail", 79.0)], runs).splitlines()[2]
+    assert alone == "| BatchNorm | wide-tail | 79.00% | not run | not run | - |"
