@@ -5,6 +5,11 @@ worker processes sharing one GPU, and writes one JSON line per finished run to -
 cut-off sweep still leaves every finished result behind.
 
     python benchmarks/sweep.py --data path/to/cifar10-jpeg.tar.gz --out results.jsonl --grid grid
+    # the next step, on a GPU: the stage-2 grid plus the notebooks' seeds 2 and 3
+    python benchmarks/sweep.py --data ... --out doc/results/trials-separable.jsonl \
+        --grid separable --notebook-seeds 2,3 --workers 8
+    # on a CPU: short proxies, one at a time
+    python benchmarks/sweep.py --data ... --out doc/results/trials-proxy.jsonl --grid proxy --workers 1
 """
 import argparse
 import json
@@ -90,6 +95,26 @@ def grid():
     return t
 
 
+def separable_grid():
+    """Stage 2 (for a GPU): 20-epoch runs around the separable build, all three norms."""
+    nb = dict(lr=0.05, crop_pad=0, rotate_deg=10, rotate_p=0.1)     # the notebooks' recipe
+    s1 = dict(widths="s1", separable=SEP_LOW)
+    t = []
+    for norm in ("bn", "gn", "ln"):
+        t.append(trial("s1", norm, **s1, **nb))
+        t.append(trial("s2 sep-all", norm, widths="s2", separable=SEP_ALL, **nb))
+        t.append(trial("s1 drop0", norm, **{**s1, "dropout": 0.0}, **nb))
+        t.append(trial("s1 lr0.1", norm, **s1, **{**nb, "lr": 0.1}))
+        t.append(trial("s1 wd1e-4", norm, **s1, **{**nb, "weight_decay": 1e-4}))
+        t.append(trial("s1 crop2", norm, **s1, **{**nb, "crop_pad": 2}))
+        t.append(trial("s1 tail+skips", norm, **{**s1, "tail_padding": 1, "skips": True}, **nb))
+    t.append(trial("s1 lr0.2", "bn", **s1, **{"lr": 0.2, **{k: v for k, v in nb.items() if k != "lr"}}))
+    t.append(trial("s1 ls0.1", "bn", **s1, **{**nb, "label_smoothing": 0.1}))
+    for g in (2, 8):
+        t.append(trial(f"s1 g{g}", "gn", groups=g, **s1, **nb))
+    return t
+
+
 def notebook_runs(seeds, norms=("bn", "ln", "gn")):
     """The notebooks' own recipe (utils.Recipe()) with other seeds: the variance runs."""
     recipe = utils.Recipe()
@@ -138,29 +163,37 @@ def main():
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
-    p.add_argument("--grid", choices=["grid", "proxy"], default="grid",
-                   help="grid: full 20-epoch runs; proxy: short runs that rank ideas on a CPU")
+    p.add_argument("--grid", choices=["none", "grid", "separable", "proxy"], default="none",
+                   help="grid: full 20-epoch runs around the reference build; separable: full runs "
+                        "around the separable build; proxy: short runs that rank ideas on a CPU")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--proxy-epochs", type=int, default=4)
-    p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: run the notebooks' "
-                   "recipe for every norm with these seeds instead of the grid")
-    p.add_argument("--gn-groups", default="", help="with --notebook-seeds: also the notebooks' "
-                   "GroupNorm recipe with these group counts (seed 1)")
+    p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: also run the "
+                   "notebooks' recipe for every norm with these seeds")
+    p.add_argument("--gn-groups", default="", help="also the notebooks' GroupNorm recipe with these "
+                   "group counts (seed 1)")
     p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
                    "with --seeds (for every norm that has them), after the grid")
     a = p.parse_args()
-    utils.load_cifar10(a.data)          # decode once; the workers read the cache
-    specs = grid() if a.grid == "grid" else proxy(a.proxy_epochs)
+    specs = {"none": list, "grid": grid, "separable": separable_grid,
+             "proxy": lambda: proxy(a.proxy_epochs)}[a.grid]()
     if a.only:
         keep = a.only.split(",")
         specs = [s for s in specs if s["name"] in keep]
     if a.notebook_seeds:
-        specs = notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
+        specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
+    if a.gn_groups:
         specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
                        notebook_build=utils.Recipe().build)
                   for g in a.gn_groups.split(",") if g]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
+    if a.dry_run:
+        for s in specs:
+            print(s["norm"], s["name"], s["seed"], s.get("build", s.get("notebook_build")), s.get("recipe", ""))
+        return
+    utils.load_cifar10(a.data)          # decode once; the workers read the cache
     with get_context("spawn").Pool(a.workers) as pool, open(a.out, "a") as out:
         threads = max(1, (os.cpu_count() or 1) // a.workers)
         for r in pool.imap_unordered(worker, [(s, a.data, threads) for s in specs]):
