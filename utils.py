@@ -650,12 +650,20 @@ def trials_table(runs):
 
 
 def speed_table(records):
-    rows = ["| machine | ours: pipeline | conventional pipeline | compute floor | our training epoch | evaluation | "
-            "s per epoch | overhead | pipeline speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    """benchmarks/speed.py results, one row per machine; records from before a column existed
+    show "-" there (their build was the reference one)."""
+    columns = ["pipeline: ours (utils.Loader)", "pipeline: conventional (PIL + DataLoader, 2 workers)",
+               "compute floor (one batch, repeated)", "compute floor, NCHW layout", "our training epoch",
+               "evaluation"]
+    rows = ["| machine | build | ours: pipeline | conventional pipeline | compute floor | compute floor, NCHW | "
+            "our training epoch | evaluation | s per epoch | overhead | pipeline speed-up | channels_last speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        rates = " | ".join(f"{row['images_per_s']:,.0f}" for row in r["rows"])
-        rows.append(f"| {r['device']} (torch {r['torch']}) | {rates} | {r['epoch_seconds']} | "
-                    f"**{r['overhead']:.2f}** | **{r['pipeline_speedup']:.1f}x** |")
+        rate = {row["what"]: row["images_per_s"] for row in r["rows"]}
+        rates = " | ".join(f"{rate[c]:,.0f}" if c in rate else "-" for c in columns)
+        layout = f"**{r['channels_last_speedup']:.2f}x**" if "channels_last_speedup" in r else "-"
+        rows.append(f"| {r['device']} (torch {r['torch']}) | {r.get('build', 'reference')} | {rates} | "
+                    f"{r['epoch_seconds']} | **{r['overhead']:.2f}** | **{r['pipeline_speedup']:.1f}x** | {layout} |")
     return "\n".join(rows)
 
 

@@ -5,7 +5,8 @@ network's own compute floor, measured side by side in one run on one machine.
     python benchmarks/speed.py --out doc/results/speed-cpu.json
 
 Every figure is the median of several repeats. The last line reads
-`overhead=<our epoch / compute floor> pipeline_speedup=<ours / conventional> device=<type>`.
+`overhead=<our epoch / compute floor> pipeline_speedup=<ours / conventional>
+channels_last_speedup=<NCHW floor / channels_last floor> device=<type>`.
 """
 import argparse
 import json
@@ -95,27 +96,36 @@ def main():
     t_ours = median_seconds(lambda: drain(ours, device), repeats, device)
     t_conv = median_seconds(lambda: drain(conventional, device), repeats, device)
 
-    # 2. compute floor: forward, backward, step on one batch already on the device
+    # 2. compute floor: forward, backward, step on one batch already on the device, for the
+    #    notebooks' model (channels_last) and, side by side, the same model in plain NCHW layout
     recipe = utils.Recipe()
-    model = Net("bn").to(device)
+    model = recipe.make_model("bn").to(device)
+    nchw_model = Net("bn", build=recipe.build).to(device)
     train_x, train_y = utils.subset(data.train_images, data.train_labels, n_train)
     train_loader = utils.Loader(train_x, train_y, mean, std, batch_size=BATCH, shuffle=True,
-                                augment=recipe.augment, device=device)
+                                augment=recipe.augment, device=device, channels_last=True)
     optimizer, scheduler = utils.make_optimizer(model, recipe, len(train_loader) * (2 * repeats + 2))
+    nchw_optimizer, _ = utils.make_optimizer(nchw_model, recipe, len(train_loader) * (2 * repeats + 2))
     x0, y0 = next(iter(train_loader))
     model.train()
+    nchw_model.train()
 
-    def floor_batches():
+    def floor_batches(net=model, opt=optimizer, x=x0):
         for _ in range(len(train_loader)):
             with utils._autocast(device):
-                out = model(x0)
+                out = net(x)
             loss = F.nll_loss(out.float(), y0)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            opt.step()
+
+    def nchw_floor_batches():
+        floor_batches(nchw_model, nchw_optimizer, x0.contiguous())
 
     floor_batches()                                 # warm-up (allocator, cuDNN autotune)
+    nchw_floor_batches()
     t_floor = median_seconds(floor_batches, repeats, device)
+    t_floor_nchw = median_seconds(nchw_floor_batches, repeats, device)
 
     # 3. our training epoch, exactly as the notebooks run it
     t_epoch = median_seconds(lambda: utils.train_epoch(model, train_loader, optimizer, scheduler), repeats, device)
@@ -129,13 +139,15 @@ def main():
         ("pipeline: ours (utils.Loader)", n_pipe / t_ours, "images/s, augmented + normalised, no model"),
         ("pipeline: conventional (PIL + DataLoader, 2 workers)", n_pipe / t_conv, "images/s, no model"),
         ("compute floor (one batch, repeated)", n_train / t_floor, "images/s, forward + backward + step"),
+        ("compute floor, NCHW layout", n_train / t_floor_nchw, "images/s, the same without channels_last"),
         ("our training epoch", n_train / t_epoch, "images/s, loader + training step"),
         ("evaluation", n_test / t_eval, "images/s, test split, inference mode"),
     ]
     overhead = t_epoch / t_floor
     speedup = t_conv / t_ours
+    layout_speedup = t_floor_nchw / t_floor
     name = utils.device_name(device)
-    print(f"device: {name} | torch {torch.__version__} | batch {BATCH} | median of {repeats} | "
+    print(f"device: {name} | torch {torch.__version__} | build {recipe.build} | batch {BATCH} | median of {repeats} | "
           f"{n_train} train / {n_pipe} pipeline / {n_test} test images")
     print(f"{'what':<55}{'images/s':>12}  ")
     for what, rate, note in rows:
@@ -143,11 +155,13 @@ def main():
     print(f"seconds per 50,000-image epoch at our training speed: {50000 * t_epoch / n_train:.1f}")
     if a.out:
         record = dict(device=name, device_type=device.type, torch=torch.__version__, quick=a.quick,
+                      build=recipe.build, channels_last_speedup=round(layout_speedup, 2),
                       repeats=repeats, rows=[dict(what=w, images_per_s=round(r, 1), note=n) for w, r, n in rows],
                       epoch_seconds=round(50000 * t_epoch / n_train, 2),
                       overhead=round(overhead, 3), pipeline_speedup=round(speedup, 2))
         utils._atomic_write(a.out, lambda f: json.dump(record, f, indent=1))
-    print(f"overhead={overhead:.2f} pipeline_speedup={speedup:.1f} device={device.type}")
+    print(f"overhead={overhead:.2f} pipeline_speedup={speedup:.1f} "
+          f"channels_last_speedup={layout_speedup:.2f} device={device.type}")
 
 
 if __name__ == "__main__":
