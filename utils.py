@@ -686,8 +686,10 @@ def render_report(root="."):
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = [x for name in ("grid", "seeds", "proxy") for x in _read_jsonl(results_dir / f"trials-{name}.jsonl")]
-    reference = [load_results(results_dir / "reference-build" / f"{n}.json") for n in NORMS
-                 if (results_dir / "reference-build" / f"{n}.json").exists()]
+    current = {(r["norm"], r.get("build")) for r in records}
+    reference = [r for r in (load_results(results_dir / "reference-build" / f"{n}.json") for n in NORMS
+                             if (results_dir / "reference-build" / f"{n}.json").exists())
+                 if (r["norm"], r.get("build")) not in current]
     trials = trials_table(runs)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
         "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
