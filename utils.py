@@ -685,7 +685,7 @@ def render_report(root="."):
     if not records:
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
-    runs = [x for name in ("grid", "seeds", "proxy") for x in _read_jsonl(results_dir / f"trials-{name}.jsonl")]
+    runs = [x for path in sorted(results_dir.glob("trials-*.jsonl")) for x in _read_jsonl(path)]
     current = {(r["norm"], r.get("build")) for r in records}
     reference = [r for r in (load_results(results_dir / "reference-build" / f"{n}.json") for n in NORMS
                              if (results_dir / "reference-build" / f"{n}.json").exists())
