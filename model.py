@@ -23,6 +23,7 @@ NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 
 # The 10 widths are the output channels of C1 C2 c3 C3 C4 C5 c6 C7 C8 C9, in order.
 BLOCK_NAMES = ("C1", "C2", "c3", "C3", "C4", "C5", "c6", "C7", "C8", "C9")
+SPATIAL_BLOCKS = tuple(n for n in BLOCK_NAMES if n[0] == "C")     # the 3x3 blocks
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,10 @@ class Net(nn.Module):
         if len(cfg.widths) != len(BLOCK_NAMES):
             raise ValueError(f"widths needs {len(BLOCK_NAMES)} numbers ({' '.join(BLOCK_NAMES)}), "
                              f"got {len(cfg.widths)}")
-        unknown = set(cfg.separable) - {n for n in BLOCK_NAMES if n[0] == "C"}
+        unknown = set(cfg.separable) - set(SPATIAL_BLOCKS)
         if unknown:
             raise ValueError(f"separable names {sorted(unknown)}, which are not 3x3 blocks: "
-                             f"choose from {[n for n in BLOCK_NAMES if n[0] == 'C']}")
+                             f"choose from {list(SPATIAL_BLOCKS)}")
         self.norm_name, self.groups, self.build, self.cfg = norm, groups, build, cfg
         w = dict(zip(BLOCK_NAMES, cfg.widths))
 

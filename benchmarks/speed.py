@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 import utils  # noqa: E402
-from model import Net  # noqa: E402
 
 BATCH = 128
 # The same augmentation for both pipelines: flip, a rotation of up to 10 degrees, a padded crop.
@@ -100,12 +99,13 @@ def main():
     #    notebooks' model (channels_last) and, side by side, the same model in plain NCHW layout
     recipe = utils.Recipe()
     model = recipe.make_model("bn").to(device)
-    nchw_model = Net("bn", build=recipe.build).to(device)
+    nchw_model = recipe.make_model("bn").to(device, memory_format=torch.contiguous_format)
     train_x, train_y = utils.subset(data.train_images, data.train_labels, n_train)
     train_loader = utils.Loader(train_x, train_y, mean, std, batch_size=BATCH, shuffle=True,
                                 augment=recipe.augment, device=device, channels_last=True)
-    optimizer, scheduler = utils.make_optimizer(model, recipe, len(train_loader) * (2 * repeats + 2))
-    nchw_optimizer, _ = utils.make_optimizer(nchw_model, recipe, len(train_loader) * (2 * repeats + 2))
+    steps = len(train_loader) * (2 * repeats + 2)    # covers warm-up, floor and epoch repeats
+    optimizer, scheduler = utils.make_optimizer(model, recipe, steps)
+    nchw_optimizer, _ = utils.make_optimizer(nchw_model, recipe, steps)
     x0, y0 = next(iter(train_loader))
     model.train()
     nchw_model.train()

@@ -136,10 +136,9 @@ def run_one(spec, data_path, device, threads=1):
         recipe = replace(utils.Recipe(groups=spec["groups"], **spec["recipe"]),
                          augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4, rotate_deg=0, rotate_p=0),
                                                   **spec["augment"]}))
-        model = Net(spec["norm"], groups=spec["groups"], **b).to(device)
-    channels_last = True        # faster on CUDA and on CPU (benchmarks/speed.py)
-    model = model.to(memory_format=torch.channels_last)
-    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], channels_last=channels_last)
+        # channels_last like Recipe.make_model and make_loaders' images (benchmarks/speed.py)
+        model = Net(spec["norm"], groups=spec["groups"], **b).to(device, memory_format=torch.channels_last)
+    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"])
     start = time.time()
     history = utils.fit(model, train, test, recipe, progress=False)
     return dict(spec, params=count_parameters(model), final=history[-1]["test_acc"],
