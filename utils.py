@@ -335,7 +335,7 @@ class Recipe:
     groups: int = 4               # GroupNorm groups (bn/ln ignore it)
     dropout: float = None         # None: the build's own (0.02 for the reference build)
     epochs: int = 20
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 0.05              # peak learning rate of the one-cycle schedule
     momentum: float = 0.9
     nesterov: bool = True
@@ -590,50 +590,77 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _flat_recipe(recipe):
+    """A recipe record as one flat dict (augment's fields inline), for comparing two of them."""
+    recipe = dict(recipe or {})
+    return {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
+
+
+def recipe_changes(old, new):
+    """What differs between two recipe records, e.g. "batch_size 128 → 64"."""
+    a, b = _flat_recipe(old), _flat_recipe(new)
+    return ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in b if a.get(k) != b.get(k)) or "nothing"
+
+
+def _same_notebook_recipe(run, record):
+    """Whether a seed run (benchmarks/sweep.py --notebook-seeds) trained a record's recipe.
+    Runs from before the recipe was recorded carry only their build (none: the reference build)."""
+    if "notebook_recipe" in run:
+        return run["notebook_recipe"] == record.get("recipe")
+    return run.get("notebook_build", "reference") == record.get("build", "reference")
+
+
 def seeds_table(records, runs):
     """Final test accuracy of each notebook run (seed 1) plus the extra seeds run through the same
-    recipe and build (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several."""
-    rows = ["| norm | build | notebook run (seed 1) | seed 2 | seed 3 | mean ± std |",
+    recipe (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several. The first
+    record of each norm is the current one; the others are labelled by how their recipe differed."""
+    rows = ["| norm | recipe | notebook run (seed 1) | seed 2 | seed 3 | mean ± std |",
             "|---|---|---|---|---|---|"]
+    current = {}
     for r in records:
+        current.setdefault(r["norm"], r)
         build = r.get("build", "reference")
+        differs = recipe_changes(r.get("recipe"), current[r["norm"]].get("recipe")).split(", ")
+        earlier = [d.rsplit(" → ", 1)[0] for d in differs if not d.startswith("build ") and d != "nothing"]
+        label = f"{build} build" + (", " + ", ".join(earlier) if earlier else "")
         accs = {1: r["history"][-1]["test_acc"]}
-        # seed runs from before the build was recorded trained the reference build
         accs.update({x["seed"]: x["final"] for x in runs
                      if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x
-                     and x.get("notebook_build", "reference") == build})
+                     and _same_notebook_recipe(x, r)})
         values = [accs[k] for k in sorted(accs)]
         cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
         spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
                   if len(values) > 1 else "-")
-        rows.append(f"| {NORMS[r['norm']]} | {build} | {cells} | {spread} |")
+        rows.append(f"| {NORMS[r['norm']]} | {label} | {cells} | {spread} |")
     return "\n".join(rows)
 
 
-def build_effect_table(records, reference, proxies):
-    """What the separable build changed: the same recipe and seed with each build, in the
-    4-epoch CPU proxies and in the full notebook runs."""
-    rows = ["| comparison (seed 1, same recipe) | reference build | separable build | change |",
-            "|---|---|---|---|"]
+def effect_table(records, earlier, proxies):
+    """What moved the number: each notebook run (seed 1, 20 epochs) against the one before it
+    for the same norm, named by what its recipe changed; plus the 4-epoch CPU proxies of the
+    two builds."""
+    rows = ["| norm | what changed | run | before | after | change |", "|---|---|---|---|---|---|"]
     by_widths = {(x["norm"], x["build"]["widths"]): x for x in proxies if "final" in x}
     for norm in NORMS:
         ref, sep = by_widths.get((norm, "ref")), by_widths.get((norm, "s1"))
         if ref and sep:
-            rows.append(f"| {NORMS[norm]}, {len(sep['history'])}-epoch CPU proxy | {ref['final']:.2f}% | "
-                        f"{sep['final']:.2f}% | **{sep['final'] - ref['final']:+.2f}** |")
-    old = {r["norm"]: r for r in reference}
+            rows.append(f"| {NORMS[norm]} | build reference → separable | {len(sep['history'])}-epoch CPU "
+                        f"proxy | {ref['final']:.2f}% | {sep['final']:.2f}% | **{sep['final'] - ref['final']:+.2f}** |")
     for r in records:
-        if r["norm"] in old and r.get("build") == "separable":
-            a, b = old[r["norm"]]["history"][-1]["test_acc"], r["history"][-1]["test_acc"]
-            rows.append(f"| {NORMS[r['norm']]}, {len(r['history'])}-epoch notebook run | {a:.2f}% "
-                        f"({old[r['norm']]['device']}) | {b:.2f}% ({r['device']}) | **{b - a:+.2f}** |")
+        chain = [e for e in earlier if e["norm"] == r["norm"]] + [r]
+        for a, b in zip(chain, chain[1:]):
+            x, y = a["history"][-1]["test_acc"], b["history"][-1]["test_acc"]
+            rows.append(f"| {NORMS[r['norm']]} | {recipe_changes(a.get('recipe'), b.get('recipe'))} | "
+                        f"{len(b['history'])}-epoch notebook runs | {x:.2f}% ({a['device']}) | "
+                        f"{y:.2f}% ({b['device']}) | **{y - x:+.2f}** |")
     return "\n".join(rows)
 
 
 def trials_table(runs):
     """Every trial of the sweeps: configuration, epochs and final test accuracy."""
     rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout, separable blocks) | "
-            "recipe changes | epochs | final train acc | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
+            "recipe changes | epochs | measured on | final train acc | final test acc |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORMS).index(x["norm"]), x["name"], x["seed"])):
         build = x.get("build") or {}
         arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}, "
@@ -644,8 +671,9 @@ def trials_table(runs):
             changes["groups"] = x["groups"]
         recipe = ", ".join(f"{k}={v}" for k, v in changes.items()) if x["name"] != "notebook" or x["norm"] == "gn" \
             else "the notebooks' recipe"
+        machine = "GPU" if x.get("device", "").startswith("NVIDIA") else "CPU"
         rows.append(f"| {x['norm']} | {x['name']} | {x['seed']} | {x['params']:,} | {arch} | {recipe} | "
-                    f"{len(x['history'])} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
+                    f"{len(x['history'])} | {machine} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
     return "\n".join(rows)
 
 
@@ -686,16 +714,20 @@ def render_report(root="."):
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = [x for path in sorted(results_dir.glob("trials-*.jsonl")) for x in _read_jsonl(path)]
-    current = {(r["norm"], r.get("build")) for r in records}
-    reference = [r for r in (load_results(results_dir / "reference-build" / f"{n}.json") for n in NORMS
-                             if (results_dir / "reference-build" / f"{n}.json").exists())
-                 if (r["norm"], r.get("build")) not in current]
+    # earlier notebook runs, oldest first (doc/results/earlier/<n>-<label>/<norm>.json); one that
+    # trained the current recipe is the current run itself
+    current = {r["norm"]: r.get("recipe") for r in records}
+    folders = sorted(p for p in results_dir.glob("earlier/*") if p.is_dir())
+    by_folder = [[r for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
+                  if r.get("recipe") != current.get(r["norm"])] for f in folders]
+    earlier = [r for group in by_folder for r in group]
     trials = trials_table(runs)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
         "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
-        "`doc/results/trials-*.jsonl`: full 20-epoch runs on an NVIDIA H200, and short CPU proxies "
-        "(the epochs column says 4; their one-cycle schedule spans those 4 epochs) that rank ideas "
-        "before a full run. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
+        "`doc/results/trials-*.jsonl`: full 20-epoch runs (GPU: an NVIDIA H200; CPU: the project's "
+        "2-core machine), and short CPU proxies (the epochs column says 4; their one-cycle schedule "
+        "spans those 4 epochs) that rank ideas before a full run. Every run used the JPEG copy of "
+        "CIFAR-10. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
         "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
         "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c`, "
         "`s1`, `s2` are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` "
@@ -706,10 +738,10 @@ def render_report(root="."):
                       _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
     text = (root / "README.md").read_text()
     text = _replace_block(text, "results", results_table(records))
-    text = _replace_block(text, "seeds", seeds_table(records + reference, runs))
+    text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
     text = _replace_block(text, "trials", trials)
-    text = _replace_block(text, "effects", build_effect_table(
-        records, reference, _read_jsonl(results_dir / "trials-proxy.jsonl")))
+    text = _replace_block(text, "effects", effect_table(
+        records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     (root / "README.md").write_text(text)

@@ -108,6 +108,7 @@ def separable_grid():
         t.append(trial("s1 wd1e-4", norm, **s1, **{**nb, "weight_decay": 1e-4}))
         t.append(trial("s1 crop2", norm, **s1, **{**nb, "crop_pad": 2}))
         t.append(trial("s1 tail+skips", norm, **{**s1, "tail_padding": 1, "skips": True}, **nb))
+        t.append(trial("s1 bs64", norm, **s1, **{**nb, "batch_size": 64}))
     t.append(trial("s1 lr0.2", "bn", **s1, **{"lr": 0.2, **{k: v for k, v in nb.items() if k != "lr"}}))
     t.append(trial("s1 ls0.1", "bn", **s1, **{**nb, "label_smoothing": 0.1}))
     for g in (2, 8):
@@ -118,7 +119,8 @@ def separable_grid():
 def notebook_runs(seeds, norms=("bn", "ln", "gn")):
     """The notebooks' own recipe (utils.Recipe()) with other seeds: the variance runs."""
     recipe = utils.Recipe()
-    return [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build)
+    return [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build,
+                 notebook_recipe=utils.recipe_dict(recipe))
             for n in norms for s in seeds]
 
 
@@ -162,6 +164,7 @@ def main():
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
+    p.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms to keep")
     p.add_argument("--grid", choices=["none", "grid", "separable", "proxy"], default="none",
                    help="grid: full 20-epoch runs around the reference build; separable: full runs "
                         "around the separable build; proxy: short runs that rank ideas on a CPU")
@@ -183,10 +186,12 @@ def main():
         specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
     if a.gn_groups:
         specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
-                       notebook_build=utils.Recipe().build)
+                       notebook_build=utils.Recipe().build,
+                       notebook_recipe=utils.recipe_dict(replace(utils.Recipe(), groups=int(g))))
                   for g in a.gn_groups.split(",") if g]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
+    specs = [s for s in specs if s["norm"] in a.norms.split(",")]
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
     if a.dry_run:
         for s in specs:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,14 +149,34 @@ def test_readme_table_matches_results_files():
         assert r["history"][-1]["test_acc"] >= 70
 
 
-def test_seeds_table_pools_only_runs_of_the_same_build():
-    def record(build, acc):
-        return dict(norm="bn", build=build, history=[dict(test_acc=acc)])
+def test_seeds_table_pools_only_runs_of_the_same_recipe():
+    now = utils.recipe_dict(utils.Recipe())
+    before = utils.recipe_dict(replace(utils.Recipe(), batch_size=128))
+
+    def record(build, acc, recipe):
+        return dict(norm="bn", build=build, history=[dict(test_acc=acc)], recipe=recipe)
     runs = [dict(name="notebook", norm="bn", seed=2, final=80.0),            # before builds were recorded
-            dict(name="notebook", norm="bn", seed=2, final=84.0, notebook_build="separable"),
-            dict(name="notebook", norm="ln", seed=3, final=70.0, notebook_build="separable")]
-    rows = utils.seeds_table([record("separable", 83.0), record("reference", 81.0)], runs).splitlines()[2:]
-    assert rows[0] == "| BatchNorm | separable | 83.00% | 84.00% | not run | **83.50 ± 0.71%** (2 seeds) |"
-    assert rows[1] == "| BatchNorm | reference | 81.00% | 80.00% | not run | **80.50 ± 0.71%** (2 seeds) |"
-    alone = utils.seeds_table([record("wide-tail", 79.0)], runs).splitlines()[2]
-    assert alone == "| BatchNorm | wide-tail | 79.00% | not run | not run | - |"
+            dict(name="notebook", norm="bn", seed=2, final=84.0, notebook_build="separable", notebook_recipe=now),
+            dict(name="notebook", norm="bn", seed=3, final=82.0, notebook_build="separable", notebook_recipe=before),
+            dict(name="notebook", norm="ln", seed=3, final=70.0, notebook_build="separable", notebook_recipe=now)]
+    reference = replace(utils.Recipe(), build="reference", batch_size=128)
+    rows = utils.seeds_table([record("separable", 83.0, now), record("separable", 82.5, before),
+                              record("reference", 81.0, utils.recipe_dict(reference))], runs).splitlines()[2:]
+    assert rows[0] == "| BatchNorm | separable build | 83.00% | 84.00% | not run | **83.50 ± 0.71%** (2 seeds) |"
+    assert rows[1] == "| BatchNorm | separable build, batch_size 128 | 82.50% | not run | 82.00% | **82.25 ± 0.35%** (2 seeds) |"
+    assert rows[2] == "| BatchNorm | reference build, batch_size 128 | 81.00% | 80.00% | not run | **80.50 ± 0.71%** (2 seeds) |"
+    alone = utils.seeds_table([record("wide-tail", 79.0, now)], runs[:1]).splitlines()[2]
+    assert alone == "| BatchNorm | wide-tail build | 79.00% | not run | not run | - |"
+
+
+def test_effect_table_names_what_each_run_changed():
+    def record(acc, **changes):
+        return dict(norm="gn", device="CPU", history=[dict(test_acc=acc)] * 20,
+                    recipe=utils.recipe_dict(replace(utils.Recipe(), **changes)))
+    earlier = [record(78.0, build="reference", batch_size=128), record(81.0, batch_size=128)]
+    rows = utils.effect_table([record(81.5)], earlier, proxies=[]).splitlines()[2:]
+    assert rows == [
+        "| GroupNorm | build reference → separable | 20-epoch notebook runs | 78.00% (CPU) | 81.00% (CPU) | **+3.00** |",
+        "| GroupNorm | batch_size 128 → 64 | 20-epoch notebook runs | 81.00% (CPU) | 81.50% (CPU) | **+0.50** |"]
+    crop = replace(utils.Recipe().augment, crop_pad=2)
+    assert utils.recipe_changes(record(0)["recipe"], record(0, augment=crop)["recipe"]) == "crop_pad 0 → 2"
