@@ -596,10 +596,15 @@ def _flat_recipe(recipe):
     return {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
 
 
+def _recipe_diff(old, new):
+    """(field, old value, new value) for each field where two recipe records differ."""
+    a, b = _flat_recipe(old), _flat_recipe(new)
+    return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
+
+
 def recipe_changes(old, new):
     """What differs between two recipe records, e.g. "batch_size 128 → 64"."""
-    a, b = _flat_recipe(old), _flat_recipe(new)
-    return ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in b if a.get(k) != b.get(k)) or "nothing"
+    return ", ".join(f"{k} {x} → {y}" for k, x, y in _recipe_diff(old, new)) or "nothing"
 
 
 def _same_notebook_recipe(run, record):
@@ -620,9 +625,9 @@ def seeds_table(records, runs):
     for r in records:
         current.setdefault(r["norm"], r)
         build = r.get("build", "reference")
-        differs = recipe_changes(r.get("recipe"), current[r["norm"]].get("recipe")).split(", ")
-        earlier = [d.rsplit(" → ", 1)[0] for d in differs if not d.startswith("build ") and d != "nothing"]
-        label = f"{build} build" + (", " + ", ".join(earlier) if earlier else "")
+        earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"))
+                   if k != "build"]
+        label = ", ".join([f"{build} build"] + earlier)
         accs = {1: r["history"][-1]["test_acc"]}
         accs.update({x["seed"]: x["final"] for x in runs
                      if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x
