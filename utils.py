@@ -590,28 +590,32 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _flat_recipe(recipe):
-    """A recipe record as one flat dict (augment's fields inline), for comparing two of them."""
+def _flat_recipe(recipe, norm=None):
+    """A recipe record as one flat dict (augment's fields inline), for comparing two of them.
+    Given a norm other than GroupNorm, `groups` is left out: it changes nothing in that run."""
     recipe = dict(recipe or {})
-    return {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
+    flat = {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
+    if norm is not None and norm != "gn":
+        flat.pop("groups", None)
+    return flat
 
 
-def _recipe_diff(old, new):
-    """(field, old value, new value) for each field where two recipe records differ."""
-    a, b = _flat_recipe(old), _flat_recipe(new)
+def _recipe_diff(old, new, norm=None):
+    """(field, old value, new value) for each field where two recipe records of `norm` differ."""
+    a, b = _flat_recipe(old, norm), _flat_recipe(new, norm)
     return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
 
 
-def recipe_changes(old, new):
+def recipe_changes(old, new, norm=None):
     """What differs between two recipe records, e.g. "batch_size 128 → 64"."""
-    return ", ".join(f"{k} {x} → {y}" for k, x, y in _recipe_diff(old, new)) or "nothing"
+    return ", ".join(f"{k} {x} → {y}" for k, x, y in _recipe_diff(old, new, norm)) or "nothing"
 
 
 def _same_notebook_recipe(run, record):
     """Whether a seed run (benchmarks/sweep.py --notebook-seeds) trained a record's recipe.
     Runs from before the recipe was recorded carry only their build (none: the reference build)."""
     if "notebook_recipe" in run:
-        return run["notebook_recipe"] == record.get("recipe")
+        return _flat_recipe(run["notebook_recipe"], record["norm"]) == _flat_recipe(record.get("recipe"), record["norm"])
     return run.get("notebook_build", "reference") == record.get("build", "reference")
 
 
@@ -625,7 +629,7 @@ def seeds_table(records, runs):
     for r in records:
         current.setdefault(r["norm"], r)
         build = r.get("build", "reference")
-        earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"))
+        earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"), r["norm"])
                    if k != "build"]
         label = ", ".join([f"{build} build"] + earlier)
         accs = {1: r["history"][-1]["test_acc"]}
@@ -655,7 +659,7 @@ def effect_table(records, earlier, proxies):
         chain = [e for e in earlier if e["norm"] == r["norm"]] + [r]
         for a, b in zip(chain, chain[1:]):
             x, y = a["history"][-1]["test_acc"], b["history"][-1]["test_acc"]
-            rows.append(f"| {NORMS[r['norm']]} | {recipe_changes(a.get('recipe'), b.get('recipe'))} | "
+            rows.append(f"| {NORMS[r['norm']]} | {recipe_changes(a.get('recipe'), b.get('recipe'), r['norm'])} | "
                         f"{len(b['history'])}-epoch notebook runs | {x:.2f}% ({a['device']}) | "
                         f"{y:.2f}% ({b['device']}) | **{y - x:+.2f}** |")
     return "\n".join(rows)

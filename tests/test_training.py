@@ -180,3 +180,16 @@ def test_effect_table_names_what_each_run_changed():
         "| GroupNorm | batch_size 128 → 64 | 20-epoch notebook runs | 81.00% (CPU) | 81.50% (CPU) | **+0.50** |"]
     crop = replace(utils.Recipe().augment, crop_pad=2)
     assert utils.recipe_changes(record(0)["recipe"], record(0, augment=crop)["recipe"]) == "crop_pad 0 → 2"
+    # GroupNorm's group count is a change for a GroupNorm run and none for the other norms
+    g8 = record(0, groups=8)["recipe"]
+    assert utils.recipe_changes(record(0)["recipe"], g8, "gn") == f"groups {utils.Recipe().groups} → 8"
+    assert utils.recipe_changes(record(0)["recipe"], g8, "bn") == "nothing"
+
+
+def test_seed_runs_of_other_norms_ignore_the_group_count():
+    g4, g8 = (utils.recipe_dict(replace(utils.Recipe(), groups=g)) for g in (4, 8))
+    runs = [dict(name="notebook", norm=n, seed=2, final=80.0, notebook_recipe=g8) for n in ("bn", "gn")]
+    rows = utils.seeds_table([dict(norm=n, build="separable", recipe=g4, history=[dict(test_acc=81.0)])
+                              for n in ("bn", "gn")], runs).splitlines()[2:]
+    assert rows[0] == "| BatchNorm | separable build | 81.00% | 80.00% | not run | **80.50 ± 0.71%** (2 seeds) |"
+    assert rows[1] == "| GroupNorm | separable build | 81.00% | not run | not run | - |"
