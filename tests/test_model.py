@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from model import BUILDS, LayerNorm2d, Net, count_parameters, receptive_field
+import utils
 
 NORM_TYPES = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d, "gn": nn.GroupNorm}
 
@@ -98,8 +99,10 @@ def test_separable_names_must_be_3x3_blocks():
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_the_notebooks_separable_build(norm):
-    """The build the notebooks train (README section 3): 49,920 parameters, RF 44, GN groups 4."""
-    net = Net(norm, build="separable")
+    """The build the notebooks train (README section 3): 49,920 parameters, RF 44, with the
+    notebooks' GroupNorm group count."""
+    net = utils.Recipe().make_model(norm)
+    assert net.build == "separable"
     assert count_parameters(net) == 49920
     rows = {r["layer"]: r for r in receptive_field(net)}
     assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
