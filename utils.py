@@ -611,11 +611,16 @@ def recipe_changes(old, new, norm=None):
     return ", ".join(f"{k} {x} → {y}" for k, x, y in _recipe_diff(old, new, norm)) or "nothing"
 
 
+def _same_recipe(a, b, norm):
+    """Whether two recipe records train `norm` the same way."""
+    return _flat_recipe(a, norm) == _flat_recipe(b, norm)
+
+
 def _same_notebook_recipe(run, record):
     """Whether a seed run (benchmarks/sweep.py --notebook-seeds) trained a record's recipe.
     Runs from before the recipe was recorded carry only their build (none: the reference build)."""
     if "notebook_recipe" in run:
-        return _flat_recipe(run["notebook_recipe"], record["norm"]) == _flat_recipe(record.get("recipe"), record["norm"])
+        return _same_recipe(run["notebook_recipe"], record.get("recipe"), record["norm"])
     return run.get("notebook_build", "reference") == record.get("build", "reference")
 
 
@@ -728,7 +733,7 @@ def render_report(root="."):
     current = {r["norm"]: r.get("recipe") for r in records}
     folders = sorted(p for p in results_dir.glob("earlier/*") if p.is_dir())
     by_folder = [[r for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
-                  if r.get("recipe") != current.get(r["norm"])] for f in folders]
+                  if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
     earlier = [r for group in by_folder for r in group]
     trials = trials_table(runs)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
