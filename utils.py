@@ -30,6 +30,9 @@ from model import NORMS, Net
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)
+# The course's accuracy targets (final-epoch, single-view test accuracy, %, 20 epochs, < 50k
+# parameters): what the README's targets table measures each notebook run against.
+TARGETS = {"bn": 85.0, "ln": 81.0, "gn": 82.0}
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
 HOW_TO_PROVIDE = (
     f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
@@ -624,6 +627,38 @@ def _same_notebook_recipe(run, record):
     return run.get("notebook_build", "reference") == record.get("build", "reference")
 
 
+def _seed_accuracies(record, runs):
+    """{seed: final test accuracy} of a notebook record (seed 1) and of the seed runs that trained
+    its recipe."""
+    accs = {1: record["history"][-1]["test_acc"]}
+    accs.update({x["seed"]: x["final"] for x in runs
+                 if x.get("name") == "notebook" and x["norm"] == record["norm"] and "final" in x
+                 and _same_notebook_recipe(x, record)})
+    return accs
+
+
+def targets_table(records, runs, targets=TARGETS):
+    """Each current notebook run against its target: the run itself must reach it, and the mean of
+    three seeds (the notebook's and seeds 2 and 3) must be at most one point below it."""
+    rows = ["| norm | target | notebook run (seed 1) | run − target | seeds run | mean | mean − target | "
+            "target met |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        target = targets[r["norm"]]
+        accs = _seed_accuracies(r, runs)
+        run, mean = accs[1], float(np.mean(list(accs.values())))
+        if run < target or (len(accs) >= 3 and mean < target - 1):
+            met = "no"
+        elif len(accs) >= 3:
+            met = "**yes**"
+        else:
+            missing = [str(k) for k in (2, 3) if k not in accs]
+            met = f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
+        means = f"{mean:.2f}% | {mean - target:+.2f}" if len(accs) > 1 else "- | -"
+        rows.append(f"| {NORMS[r['norm']]} | {target:.1f}% | {run:.2f}% | {run - target:+.2f} | "
+                    f"{', '.join(str(k) for k in sorted(accs))} | {means} | {met} |")
+    return "\n".join(rows)
+
+
 def seeds_table(records, runs):
     """Final test accuracy of each notebook run (seed 1) plus the extra seeds run through the same
     recipe (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several. The first
@@ -637,10 +672,7 @@ def seeds_table(records, runs):
         earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"), r["norm"])
                    if k != "build"]
         label = ", ".join([f"{build} build"] + earlier)
-        accs = {1: r["history"][-1]["test_acc"]}
-        accs.update({x["seed"]: x["final"] for x in runs
-                     if x.get("name") == "notebook" and x["norm"] == r["norm"] and "final" in x
-                     and _same_notebook_recipe(x, r)})
+        accs = _seed_accuracies(r, runs)
         values = [accs[k] for k in sorted(accs)]
         cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
         spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
@@ -718,7 +750,7 @@ def _notebook_lines(path, prefix):
 
 
 def render_report(root="."):
-    """Rewrite the README's generated blocks (results, seeds, trials, speed, data statistics),
+    """Rewrite the README's generated blocks (results, seeds, targets, trials, effects, speed, data statistics),
     doc/trials.md and doc/comparison.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
@@ -753,6 +785,7 @@ def render_report(root="."):
     text = (root / "README.md").read_text()
     text = _replace_block(text, "results", results_table(records))
     text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
+    text = _replace_block(text, "targets", targets_table(records, runs))
     text = _replace_block(text, "trials", trials)
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
