@@ -194,6 +194,7 @@ def test_seed_runs_of_other_norms_ignore_the_group_count():
     assert rows[0] == "| BatchNorm | separable build | 81.00% | 80.00% | not run | **80.50 ± 0.71%** (2 seeds) |"
     assert rows[1] == "| GroupNorm | separable build | 81.00% | not run | not run | - |"
 
+
 def test_targets_table_needs_the_notebook_run_and_a_three_seed_mean():
     recipe = utils.recipe_dict(utils.Recipe())
 
