@@ -556,6 +556,13 @@ def recipe_dict(recipe):
     return asdict(recipe)
 
 
+def recipe_from_dict(record):
+    """The Recipe that recipe_dict wrote."""
+    record = dict(record)
+    augment = Augment(**record.pop("augment"))
+    return Recipe(**record, augment=augment)
+
+
 def summarize(history):
     """The headline numbers of one run."""
     first70 = next((h["epoch"] for h in history if h["test_acc"] >= 70), None)

@@ -116,20 +116,41 @@ def separable_grid():
     return t
 
 
-def notebook_runs(seeds, norms=("bn", "ln", "gn")):
-    """The notebooks' own recipe (utils.Recipe()) with other seeds: the variance runs."""
-    recipe = utils.Recipe()
+def notebook_runs(seeds, norms=("bn", "ln", "gn"), **changes):
+    """The notebooks' own recipe (utils.Recipe()), or that recipe with `changes` (Recipe or Augment
+    fields), with these seeds: the variance runs, and the tuning runs whose seeds 2 and 3 count
+    for a notebook once it trains the same recipe."""
+    base = utils.Recipe()
+    aug = {k: changes.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in changes}
+    recipe = replace(base, augment=replace(base.augment, **aug), **changes)
     return [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build,
                  notebook_recipe=utils.recipe_dict(recipe))
             for n in norms for s in seeds]
 
 
-def run_one(spec, data_path, device, threads=1):
+def tune_grid():
+    """Stage 3 (for a GPU), in priority order: single changes to the notebooks' recipe (batch 64,
+    separable build), three seeds each for GroupNorm, which is 0.15 points short of its target,
+    then one seed each for BatchNorm; builds with tail padding and skips, or every block separable."""
+    nb = dict(batch_size=64, lr=0.05, crop_pad=0, rotate_deg=10, rotate_p=0.1)
+    gn = lambda seeds, **c: notebook_runs(seeds, ("gn",), **c)         # noqa: E731
+    bn = lambda **c: notebook_runs([1], ("bn",), **c)                  # noqa: E731
+    return [*gn([1], lr=0.1), *gn([1], weight_decay=1e-3), *gn([1], dropout=0.0),
+            *bn(lr=0.1), *bn(weight_decay=1e-3),
+            *gn([2, 3], lr=0.1), *gn([2, 3], weight_decay=1e-3),
+            # with a GPU that runs more at once (MPS)
+            *gn([2, 3], dropout=0.0), *gn([1]), *bn(), *bn(dropout=0.0),
+            trial("s1 bs64 tail+skips", "bn", widths="s1", separable=SEP_LOW, tail_padding=1, skips=True, **nb),
+            trial("s2 sep-all bs64", "bn", widths="s2", separable=SEP_ALL, **nb),
+            *bn(label_smoothing=0.1), *bn(crop_pad=2), *bn(warmup=0.15)]
+
+
+def run_one(spec, data_path, device, threads=1, smoke=False):
     torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
     utils.set_seed(spec["seed"])
     if spec["name"].startswith("notebook"):            # exactly what the notebooks train
-        recipe = replace(utils.Recipe(), groups=spec["groups"])
+        recipe = utils.recipe_from_dict(spec["notebook_recipe"])
         model = recipe.make_model(spec["norm"]).to(device)
     else:
         b = dict(spec["build"])
@@ -142,7 +163,10 @@ def run_one(spec, data_path, device, threads=1):
                                                   **spec["augment"]}))
         # channels_last like Recipe.make_model and make_loaders' images (benchmarks/speed.py)
         model = Net(spec["norm"], groups=spec["groups"], **b).to(device, memory_format=torch.channels_last)
-    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"])
+    subsets = {}
+    if smoke:
+        recipe, subsets = replace(recipe, epochs=1), dict(train_subset=512, test_subset=512)
+    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], **subsets)
     start = time.time()
     history = utils.fit(model, train, test, recipe, progress=False)
     return dict(spec, params=count_parameters(model), final=history[-1]["test_acc"],
@@ -152,9 +176,9 @@ def run_one(spec, data_path, device, threads=1):
 
 
 def worker(args):
-    spec, data_path, threads = args
+    spec, data_path, threads, smoke = args
     try:
-        return run_one(spec, data_path, utils.pick_device(), threads)
+        return run_one(spec, data_path, utils.pick_device(), threads, smoke)
     except Exception as e:    # one broken config must not end the sweep
         return dict(spec, error=repr(e))
 
@@ -167,11 +191,13 @@ def main():
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
     p.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms to keep")
-    p.add_argument("--grid", choices=["none", "grid", "separable", "proxy"], default="none",
+    p.add_argument("--grid", choices=["none", "grid", "separable", "tune", "proxy"], default="none",
                    help="grid: full 20-epoch runs around the reference build; separable: full runs "
                         "around the separable build; proxy: short runs that rank ideas on a CPU")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--proxy-epochs", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="1 epoch on 512 training images per run: "
+                   "checks that every run of the grid starts, in seconds")
     p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: also run the "
                    "notebooks' recipe for every norm with these seeds")
     p.add_argument("--gn-groups", default="", help="also the notebooks' GroupNorm recipe with these "
@@ -179,7 +205,7 @@ def main():
     p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
                    "with --seeds (for every norm that has them), after the grid")
     a = p.parse_args()
-    specs = {"none": list, "grid": grid, "separable": separable_grid,
+    specs = {"none": list, "grid": grid, "separable": separable_grid, "tune": tune_grid,
              "proxy": lambda: proxy(a.proxy_epochs)}[a.grid]()
     if a.only:
         keep = a.only.split(",")
@@ -197,12 +223,14 @@ def main():
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
     if a.dry_run:
         for s in specs:
-            print(s["norm"], s["name"], s["seed"], s.get("build", s.get("notebook_build")), s.get("recipe", ""))
+            changes = (utils.recipe_changes(utils.recipe_dict(utils.Recipe()), s["notebook_recipe"], s["norm"])
+                       if "notebook_recipe" in s else s.get("recipe", ""))
+            print(s["norm"], s["name"], s["seed"], s.get("build", s.get("notebook_build")), changes)
         return
     utils.load_cifar10(a.data)          # decode once; the workers read the cache
     with get_context("spawn").Pool(a.workers) as pool, open(a.out, "a") as out:
         threads = max(1, (os.cpu_count() or 1) // a.workers)
-        for r in pool.imap_unordered(worker, [(s, a.data, threads) for s in specs]):
+        for r in pool.imap_unordered(worker, [(s, a.data, threads, a.smoke) for s in specs]):
             out.write(json.dumps(r) + "\n")
             out.flush()
             print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"),
