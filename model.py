@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 
@@ -34,6 +35,7 @@ class Build:
     tail_padding: int = 0      # padding of C8 and C9: 0 shrinks 8x8 -> 6x6 -> 4x4 as in the seed
     skips: bool = False        # x + block(x) around every 3x3 block whose input and output shapes match
     separable: tuple = ()      # names of 3x3 blocks built as depthwise 3x3 + pointwise 1x1
+    weight_standardization: bool = False   # each filter of a conv scaled to zero mean, unit variance
 
 
 BUILDS = {
@@ -50,6 +52,19 @@ BUILDS = {
     "separable": Build(widths=(16, 32, 32, 64, 64, 64, 48, 96, 96, 112),
                        separable=("C3", "C4", "C5", "C7", "C8", "C9")),
 }
+# The separable build with weight standardization (Qiao et al. 2019), said to help GroupNorm
+# and LayerNorm most: every conv that mixes channels standardises each of its filters.
+BUILDS["separable-ws"] = replace(BUILDS["separable"], weight_standardization=True)
+
+
+class StandardizeWeight(nn.Module):
+    """A conv weight (out, in, kh, kw) with each output filter at zero mean and unit variance;
+    registered with torch.nn.utils.parametrize, so the conv trains the raw weight."""
+
+    def forward(self, w):
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) / torch.sqrt(var + 1e-5)
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -88,7 +103,7 @@ class ConvBlock(nn.Module):
     """conv (no bias) -> norm -> ReLU -> dropout, optionally with an additive skip."""
 
     def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
-                 separable=False):
+                 separable=False, weight_standardization=False):
         super().__init__()
         if separable and kernel_size > 1:
             # A 3x3 filter per input channel, then a 1x1 mix: 9*c_in + c_in*c_out weights
@@ -98,6 +113,10 @@ class ConvBlock(nn.Module):
                 nn.Conv2d(c_in, c_out, 1, bias=False))
         else:
             self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=padding, bias=False)
+        if weight_standardization:
+            # not the depthwise 3x3 filters: at zero mean a 9-weight filter could only detect edges
+            for conv in [m for m in self.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]:
+                parametrize.register_parametrization(conv, "weight", StandardizeWeight())
         self.norm = make_norm(norm, c_out, groups, name)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(dropout)
@@ -134,7 +153,7 @@ class Net(nn.Module):
 
         def block(name, c_in, kernel_size, padding):
             return ConvBlock(name, c_in, w[name], kernel_size, padding, norm, groups,
-                             cfg.dropout, cfg.skips, name in cfg.separable)
+                             cfg.dropout, cfg.skips, name in cfg.separable, cfg.weight_standardization)
 
         tail = cfg.tail_padding
         self.layers = nn.Sequential(OrderedDict([

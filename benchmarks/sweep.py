@@ -145,6 +145,17 @@ def tune_grid():
             *bn(label_smoothing=0.1), *bn(crop_pad=2), *bn(warmup=0.15)]
 
 
+def tune2_grid():
+    """Stage 4 (for a GPU), after stage 3 moved nothing: weight standardization, lower weight decay
+    and peak lr, three seeds each for GroupNorm, and the GPU's own seeds 2 and 3 of the unchanged
+    recipe to compare them with."""
+    gn = lambda seeds, **c: notebook_runs(seeds, ("gn",), **c)         # noqa: E731
+    return [*gn([1, 2, 3], build="separable-ws"), *gn([1, 2, 3], weight_decay=2.5e-4),
+            *gn([2, 3]), *notebook_runs([1, 2], ("ln",), build="separable-ws"),
+            *notebook_runs([1, 2], ("bn",), build="separable-ws"), *gn([1, 2], lr=0.03),
+            *notebook_runs([1], ("bn", "ln"), weight_decay=2.5e-4)]
+
+
 def run_one(spec, data_path, device, threads=1, smoke=False):
     torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
@@ -191,7 +202,7 @@ def main():
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
     p.add_argument("--only", default=None, help="comma-separated trial names to keep")
     p.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms to keep")
-    p.add_argument("--grid", choices=["none", "grid", "separable", "tune", "proxy"], default="none",
+    p.add_argument("--grid", choices=["none", "grid", "separable", "tune", "tune2", "proxy"], default="none",
                    help="grid: full 20-epoch runs around the reference build; separable: full runs "
                         "around the separable build; proxy: short runs that rank ideas on a CPU")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
@@ -205,7 +216,7 @@ def main():
     p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
                    "with --seeds (for every norm that has them), after the grid")
     a = p.parse_args()
-    specs = {"none": list, "grid": grid, "separable": separable_grid, "tune": tune_grid,
+    specs = {"none": list, "grid": grid, "separable": separable_grid, "tune": tune_grid, "tune2": tune2_grid,
              "proxy": lambda: proxy(a.proxy_epochs)}[a.grid]()
     if a.only:
         keep = a.only.split(",")
