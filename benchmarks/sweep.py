@@ -211,6 +211,9 @@ def main():
                    "checks that every run of the grid starts, in seconds")
     p.add_argument("--notebook-seeds", default="", help="comma-separated seeds: also run the "
                    "notebooks' recipe for every norm with these seeds")
+    p.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --notebook-seeds: a Recipe or Augment field changed, e.g. "
+                        "build=separable-ws or lr=0.1 (repeatable)")
     p.add_argument("--gn-groups", default="", help="also the notebooks' GroupNorm recipe with these "
                    "group counts (seed 1)")
     p.add_argument("--seed-names", default="", help="comma-separated trial names to rerun "
@@ -222,7 +225,13 @@ def main():
         keep = a.only.split(",")
         specs = [s for s in specs if s["name"] in keep]
     if a.notebook_seeds:
-        specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")])
+        changes = dict(c.split("=", 1) for c in a.change)
+        for k, v in changes.items():
+            try:
+                changes[k] = json.loads(v)         # numbers and true/false; names stay text
+            except json.JSONDecodeError:
+                pass
+        specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")], **changes)
     if a.gn_groups:
         specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
                        notebook_build=utils.Recipe().build,
