@@ -634,13 +634,26 @@ def _same_notebook_recipe(run, record):
     return run.get("notebook_build", "reference") == record.get("build", "reference")
 
 
-def _seed_accuracies(record, runs):
-    """{seed: final test accuracy} of a notebook record (seed 1) and of the seed runs that trained
-    its recipe."""
-    accs = {1: record["history"][-1]["test_acc"]}
-    accs.update({x["seed"]: x["final"] for x in runs
-                 if x.get("name") == "notebook" and x["norm"] == record["norm"] and "final" in x
-                 and _same_notebook_recipe(x, record)})
+def machine(record):
+    """"GPU" or "CPU" for a run's or a notebook record's device; None where it is not recorded."""
+    device = record.get("device", "")
+    return "GPU" if device.startswith(("NVIDIA", "cuda")) else "CPU" if device.startswith("CPU") else None
+
+
+def _seed_accuracies(record, runs, on=None):
+    """{seed: final test accuracy} of the runs that trained a notebook record's recipe.
+
+    By default: the record itself (seed 1) and the seed runs on its own kind of machine, since
+    the GPU's bf16 and the CPU's float32 arithmetic are not the same experiment. With `on`
+    ("GPU" or "CPU") another machine's runs of that recipe, seed 1 included, without the record."""
+    own = machine(record)
+    accs = {} if on is not None and on != own else {1: record["history"][-1]["test_acc"]}
+    want = on or own
+    for x in runs:
+        if (x.get("name") == "notebook" and x["norm"] == record["norm"] and "final" in x
+                and x["seed"] not in accs and (want is None or machine(x) in (want, None))
+                and _same_notebook_recipe(x, record)):
+            accs[x["seed"]] = x["final"]
     return accs
 
 
@@ -669,22 +682,30 @@ def targets_table(records, runs, targets=TARGETS):
 def seeds_table(records, runs):
     """Final test accuracy of each notebook run (seed 1) plus the extra seeds run through the same
     recipe (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several. The first
-    record of each norm is the current one; the others are labelled by how their recipe differed."""
+    record of each norm is the current one; the others are labelled by how their recipe differed.
+    Runs of a record's recipe on the other kind of machine get a row of their own below it."""
     rows = ["| norm | recipe | notebook run (seed 1) | seed 2 | seed 3 | mean ± std |",
             "|---|---|---|---|---|---|"]
     current = {}
+
+    def row(norm, label, accs):
+        values = [accs[k] for k in sorted(accs)]
+        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
+        spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
+                  if len(values) > 1 else "-")
+        return f"| {NORMS[norm]} | {label} | {cells} | {spread} |"
     for r in records:
         current.setdefault(r["norm"], r)
         build = r.get("build", "reference")
         earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"), r["norm"])
                    if k != "build"]
         label = ", ".join([f"{build} build"] + earlier)
-        accs = _seed_accuracies(r, runs)
-        values = [accs[k] for k in sorted(accs)]
-        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
-        spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
-                  if len(values) > 1 else "-")
-        rows.append(f"| {NORMS[r['norm']]} | {label} | {cells} | {spread} |")
+        rows.append(row(r["norm"], label, _seed_accuracies(r, runs)))
+        for other in {"GPU", "CPU"} - {machine(r)} if machine(r) else ():
+            accs = _seed_accuracies(r, runs, on=other)
+            if accs:
+                rows.append(row(r["norm"], f"{label}: the same recipe on the {other} (sweep runs; the "
+                                           f"first column is the sweep's seed 1)", accs))
     return "\n".join(rows)
 
 
@@ -709,24 +730,37 @@ def effect_table(records, earlier, proxies):
     return "\n".join(rows)
 
 
-def trials_table(runs):
-    """Every trial of the sweeps: configuration, epochs and final test accuracy."""
+def trials_table(runs, records=()):
+    """Every trial of the sweeps: configuration, epochs and final test accuracy. Runs through the
+    notebooks' recipe name their changes to it: to the current notebook `records` where a run
+    recorded its recipe (and groups for GroupNorm), else "the notebooks' recipe" of their time."""
+    current = {r["norm"]: r for r in reversed(list(records))}
+
+    def recipe_text(x):
+        if not x["name"].startswith("notebook"):
+            changes = dict(x.get("recipe") or {}, **(x.get("augment") or {}))
+            if x["norm"] == "gn":
+                changes["groups"] = x["groups"]
+            return ", ".join(f"{k}={v}" for k, v in changes.items())
+        if "notebook_recipe" in x and x["norm"] in current:
+            diff = [f"{k} {a} → {b}" for k, a, b in
+                    _recipe_diff(current[x["norm"]].get("recipe"), x["notebook_recipe"], x["norm"])
+                    if k != "build"]                # the build has its own column
+            return ", ".join(["the notebooks' recipe"] + diff)
+        return "the notebooks' recipe" + (f", groups={x['groups']}" if x["norm"] == "gn" else "")
+
     rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout, separable blocks) | "
             "recipe changes | epochs | measured on | final train acc | final test acc |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in sorted((x for x in runs if "final" in x), key=lambda x: (list(NORMS).index(x["norm"]), x["name"], x["seed"])):
+    done = [(x, recipe_text(x)) for x in runs if "final" in x]
+    for x, recipe in sorted(done, key=lambda d: (list(NORMS).index(d[0]["norm"]), d[0]["name"],
+                                                 d[0].get("notebook_build", ""), d[1], d[0]["seed"])):
         build = x.get("build") or {}
         arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}, "
                 + (" ".join(build["separable"]) if build.get("separable") else "none")
                 if build else f"{x.get('notebook_build', 'reference')} build")
-        changes = dict(x.get("recipe") or {}, **(x.get("augment") or {}))
-        if x["norm"] == "gn":
-            changes["groups"] = x["groups"]
-        recipe = ", ".join(f"{k}={v}" for k, v in changes.items()) if x["name"] != "notebook" or x["norm"] == "gn" \
-            else "the notebooks' recipe"
-        machine = "GPU" if x.get("device", "").startswith("NVIDIA") else "CPU"
         rows.append(f"| {x['norm']} | {x['name']} | {x['seed']} | {x['params']:,} | {arch} | {recipe} | "
-                    f"{len(x['history'])} | {machine} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
+                    f"{len(x['history'])} | {machine(x)} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
     return "\n".join(rows)
 
 
@@ -774,7 +808,7 @@ def render_report(root="."):
     by_folder = [[r for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
                   if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
     earlier = [r for group in by_folder for r in group]
-    trials = trials_table(runs)
+    trials = trials_table(runs, records)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
         "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
         "`doc/results/trials-*.jsonl`: full 20-epoch runs (GPU: an NVIDIA H200; CPU: the project's "
@@ -784,7 +818,10 @@ def render_report(root="."):
         "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
         "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c`, "
         "`s1`, `s2` are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` "
-        "(`WIDTHS`); \"notebook\" rows are the notebooks' recipe of their time, with the build named.\n\n"
+        "(`WIDTHS`). \"notebook\" rows train through the notebooks' code path with the build named; "
+        "their recipe column lists what differs from the current notebook's recipe for that norm "
+        "(\"a → b\": the notebook has a, the run had b), or says \"the notebooks' recipe\" for runs "
+        "from before the recipe was recorded. GPU runs compute in bf16 autocast, CPU runs in float32.\n\n"
         + trials + "\n"))
     speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
     stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +

@@ -108,3 +108,24 @@ def test_the_notebooks_separable_build(norm):
     assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
     separable = [n for n, b in net.layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
     assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
+
+
+def test_weight_standardization_standardises_mixing_filters_only():
+    """build="separable-ws": every conv that mixes channels trains a raw weight whose filters are
+    used at zero mean and unit variance; the depthwise 3x3 filters are left alone; no parameter
+    is added."""
+    net = Net("gn", groups=8, build="separable-ws")
+    assert count_parameters(net) == count_parameters(Net("gn", groups=8, build="separable")) == 49920
+    mixing = [net.layers.C1.conv, net.layers.c3.conv, net.layers.C4.conv[1]]
+    for conv in mixing:
+        with torch.no_grad():
+            conv.parametrizations.weight.original.mul_(3.0).add_(0.7)    # any raw weight
+        w = conv.weight
+        assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-5)
+        assert torch.allclose(w.var(dim=(1, 2, 3), unbiased=False), torch.ones(w.shape[0]), atol=1e-3)
+    depthwise = net.layers.C4.conv[0]
+    assert not hasattr(depthwise, "parametrizations")
+    assert not hasattr(Net("gn", groups=8, build="separable").layers.C1.conv, "parametrizations")
+    out = net(torch.randn(2, 3, 32, 32))
+    out.sum().backward()                                   # the raw weight gets the gradient
+    assert net.layers.C1.conv.parametrizations.weight.original.grad is not None

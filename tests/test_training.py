@@ -216,3 +216,45 @@ def test_targets_table_needs_the_notebook_run_and_a_three_seed_mean():
     # the notebook run itself below its target fails, whatever the seeds
     short = utils.targets_table([record("gn", 81.9)], [], targets).splitlines()[2]
     assert short == "| GroupNorm | 82.0% | 81.90% | -0.10 | 1 | - | - | no |"
+
+
+def test_seeds_keep_cpu_and_gpu_runs_apart():
+    """A CPU notebook run pools only CPU seed runs; the GPU's runs of the same recipe (seed 1
+    included) get a row of their own; a sweep's seed 1 never replaces the notebook's own run."""
+    recipe = utils.recipe_dict(utils.Recipe())
+
+    def seed(n, acc, device):
+        return dict(name="notebook", norm="gn", seed=n, final=acc, device=device, notebook_recipe=recipe)
+    record = dict(norm="gn", build="separable", device="CPU (2 threads)", recipe=recipe,
+                  history=[dict(test_acc=81.0)])
+    runs = [seed(1, 99.0, "CPU (2 threads)"), seed(2, 82.0, "CPU (2 threads)"),
+            seed(1, 83.0, "NVIDIA H200"), seed(2, 84.0, "NVIDIA H200"), seed(3, 85.0, "NVIDIA H200")]
+    assert utils._seed_accuracies(record, runs) == {1: 81.0, 2: 82.0}
+    assert utils._seed_accuracies(record, runs, on="GPU") == {1: 83.0, 2: 84.0, 3: 85.0}
+    rows = utils.seeds_table([record], runs).splitlines()[2:]
+    assert rows[0] == "| GroupNorm | separable build | 81.00% | 82.00% | not run | **81.50 ± 0.71%** (2 seeds) |"
+    assert rows[1].startswith("| GroupNorm | separable build: the same recipe on the GPU")
+    assert rows[1].endswith("| 83.00% | 84.00% | 85.00% | **84.00 ± 1.00%** (3 seeds) |")
+    # the targets count the notebook's own machine only
+    assert "| 1, 2 | 81.50% |" in utils.targets_table([record], runs).splitlines()[2]
+
+
+def test_trials_table_names_changes_to_the_current_notebook_recipe():
+    now = utils.Recipe()
+    record = dict(norm="bn", recipe=utils.recipe_dict(now))
+
+    def run(recipe, **extra):
+        return dict(name="notebook", norm="bn", seed=1, groups=8, params=49920, final=83.0, train_final=85.0,
+                    device="NVIDIA H200", history=[{}] * 20, notebook_build=recipe.build,
+                    notebook_recipe=utils.recipe_dict(recipe), **extra)
+    rows = utils.trials_table([run(now), run(replace(now, lr=0.1, build="separable-ws"))],
+                              [record]).splitlines()[2:]
+    assert rows == [
+        "| bn | notebook | 1 | 49,920 | separable build | the notebooks' recipe | 20 | GPU | 85.00% | 83.00% |",
+        "| bn | notebook | 1 | 49,920 | separable-ws build | the notebooks' recipe, lr 0.05 → 0.1 | 20 | GPU "
+        "| 85.00% | 83.00% |"]
+
+
+def test_recipe_round_trips_through_its_record():
+    recipe = replace(utils.Recipe(), lr=0.1, augment=utils.Augment(flip=0.0, crop_pad=2))
+    assert utils.recipe_from_dict(utils.recipe_dict(recipe)) == recipe
