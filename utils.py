@@ -764,6 +764,35 @@ def trials_table(runs, records=()):
     return "\n".join(rows)
 
 
+def tuning_table(runs, records):
+    """Changes to the current notebook recipes, each one's mean over its seeds against the unchanged
+    recipe's mean on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
+    comparison never crosses machines). The unchanged recipe's seeds on the notebook's own machine
+    include the notebook run."""
+    rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the unchanged recipe |",
+            "|---|---|---|---|---|---|"]
+    for r in records:
+        groups = {}
+        for x in runs:
+            if (x["norm"] == r["norm"] and x.get("name", "").startswith("notebook") and "notebook_recipe" in x
+                    and "final" in x and machine(x)):
+                change = recipe_changes(r.get("recipe"), x["notebook_recipe"], r["norm"])
+                if change != "nothing":
+                    groups.setdefault((machine(x), change), []).append(x["final"])
+        for on in ("CPU", "GPU"):
+            changes = sorted((change, accs) for (m, change), accs in groups.items() if m == on)
+            if not changes:
+                continue
+            base = list(_seed_accuracies(r, runs, on=on).values())
+            for change, accs in [("none (the notebook's recipe)", base)] * bool(base) + changes:
+                spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
+                delta = ("-" if accs is base else f"**{np.mean(accs) - np.mean(base):+.2f}**" if base
+                         else "no run of the unchanged recipe")
+                rows.append(f"| {NORMS[r['norm']]} | {on} | {change} | {len(accs)} | "
+                            f"{np.mean(accs):.2f}{spread}% | {delta} |")
+    return "\n".join(rows)
+
+
 def speed_table(records):
     """benchmarks/speed.py results, one row per machine; records from before a column existed
     show "-" there (their build was the reference one)."""
@@ -791,7 +820,7 @@ def _notebook_lines(path, prefix):
 
 
 def render_report(root="."):
-    """Rewrite the README's generated blocks (results, seeds, targets, trials, effects, speed, data statistics),
+    """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed, data statistics),
     doc/trials.md and doc/comparison.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
@@ -831,6 +860,7 @@ def render_report(root="."):
     text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
     text = _replace_block(text, "targets", targets_table(records, runs))
     text = _replace_block(text, "trials", trials)
+    text = _replace_block(text, "tuning", tuning_table(runs, records))
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))

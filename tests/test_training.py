@@ -258,3 +258,23 @@ def test_trials_table_names_changes_to_the_current_notebook_recipe():
 def test_recipe_round_trips_through_its_record():
     recipe = replace(utils.Recipe(), lr=0.1, augment=utils.Augment(flip=0.0, crop_pad=2))
     assert utils.recipe_from_dict(utils.recipe_dict(recipe)) == recipe
+
+
+def test_tuning_table_compares_each_change_on_its_own_machine():
+    now = utils.Recipe()
+    record = dict(norm="gn", build="separable", device="CPU (2 threads)", recipe=utils.recipe_dict(now),
+                  history=[dict(test_acc=81.0)])
+
+    def run(seed, acc, device, **changes):
+        return dict(name="notebook", norm="gn", seed=seed, final=acc, device=device,
+                    notebook_recipe=utils.recipe_dict(replace(now, **changes)))
+    runs = [run(2, 83.0, "CPU (2 threads)"),                                   # base on the CPU: 81, 83
+            run(1, 81.5, "CPU (2 threads)", lr=0.1),
+            run(1, 84.0, "NVIDIA H200"), run(2, 86.0, "NVIDIA H200"),            # base on the GPU: 84, 86
+            run(1, 84.5, "NVIDIA H200", lr=0.1), run(2, 84.5, "NVIDIA H200", lr=0.1)]
+    rows = utils.tuning_table(runs, [record]).splitlines()[2:]
+    assert rows == [
+        "| GroupNorm | CPU | none (the notebook's recipe) | 2 | 82.00 ± 1.41% | - |",
+        "| GroupNorm | CPU | lr 0.05 → 0.1 | 1 | 81.50% | **-0.50** |",
+        "| GroupNorm | GPU | none (the notebook's recipe) | 2 | 85.00 ± 1.41% | - |",
+        "| GroupNorm | GPU | lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** |"]
