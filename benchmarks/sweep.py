@@ -8,6 +8,11 @@ cut-off sweep still leaves every finished result behind.
     # the next step, on a GPU: the stage-2 grid plus the notebooks' seeds 2 and 3
     python benchmarks/sweep.py --data ... --out doc/results/trials-separable.jsonl \
         --grid separable --notebook-seeds 2,3 --workers 8
+    # on a lent GPU machine, many runs side by side under CUDA MPS (what stages 3 and 4 ran):
+    bash benchmarks/gpu_sweep.sh tune 16 path/to/cifar10-jpeg.tar.gz
+    # on a CPU: one notebook-recipe run with a change, e.g. weight standardization for LayerNorm
+    python benchmarks/sweep.py --data ... --out doc/results/trials-tune.jsonl --notebook-seeds 1 \
+        --norms ln --change build=separable-ws --workers 1
     # on a CPU: short proxies, one at a time
     python benchmarks/sweep.py --data ... --out doc/results/trials-proxy.jsonl --grid proxy --workers 1
 """
