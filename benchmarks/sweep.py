@@ -161,24 +161,30 @@ def tune2_grid():
             *notebook_runs([1], ("bn", "ln"), weight_decay=2.5e-4)]
 
 
+def model_and_recipe(spec):
+    """The network (channels_last, on the CPU) and the Recipe a sweep run trains."""
+    if spec["name"].startswith("notebook"):            # exactly what the notebooks train
+        recipe = utils.recipe_from_dict(spec["notebook_recipe"])
+        return recipe.make_model(spec["norm"]), recipe
+    b = dict(spec["build"])
+    b["widths"] = WIDTHS[b["widths"]]
+    b["separable"] = tuple(b.get("separable", ()))
+    # a trial's recipe is its changes to the grids' base (doc/trials.md): batch 128, whatever
+    # the notebooks' Recipe default is now, so that old and new records mean the same
+    recipe = replace(utils.Recipe(groups=spec["groups"], **{"batch_size": 128, **spec["recipe"]}),
+                     augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4, rotate_deg=0, rotate_p=0),
+                                              **spec["augment"]}))
+    # channels_last like Recipe.make_model and make_loaders' images (benchmarks/speed.py)
+    model = Net(spec["norm"], groups=spec["groups"], **b).to(memory_format=torch.channels_last)
+    return model, recipe
+
+
 def run_one(spec, data_path, device, threads=1, smoke=False):
     torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
     utils.set_seed(spec["seed"])
-    if spec["name"].startswith("notebook"):            # exactly what the notebooks train
-        recipe = utils.recipe_from_dict(spec["notebook_recipe"])
-        model = recipe.make_model(spec["norm"]).to(device)
-    else:
-        b = dict(spec["build"])
-        b["widths"] = WIDTHS[b["widths"]]
-        b["separable"] = tuple(b.get("separable", ()))
-        # a trial's recipe is its changes to the grids' base (doc/trials.md): batch 128, whatever
-        # the notebooks' Recipe default is now, so that old and new records mean the same
-        recipe = replace(utils.Recipe(groups=spec["groups"], **{"batch_size": 128, **spec["recipe"]}),
-                         augment=utils.Augment(**{**dict(flip=0.5, crop_pad=4, rotate_deg=0, rotate_p=0),
-                                                  **spec["augment"]}))
-        # channels_last like Recipe.make_model and make_loaders' images (benchmarks/speed.py)
-        model = Net(spec["norm"], groups=spec["groups"], **b).to(device, memory_format=torch.channels_last)
+    model, recipe = model_and_recipe(spec)
+    model = model.to(device)
     subsets = {}
     if smoke:
         recipe, subsets = replace(recipe, epochs=1), dict(train_subset=512, test_subset=512)

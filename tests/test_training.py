@@ -278,3 +278,21 @@ def test_tuning_table_compares_each_change_on_its_own_machine():
         "| GroupNorm | CPU | lr 0.05 → 0.1 | 1 | 81.50% | **-0.50** |",
         "| GroupNorm | GPU | none (the notebook's recipe) | 2 | 85.00 ± 1.41% | - |",
         "| GroupNorm | GPU | lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** |"]
+
+
+def test_sweep_grids_build_and_record_what_they_train():
+    """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
+    run records exactly the recipe it will train (its changes and nothing else)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parent.parent / "benchmarks" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    (run,) = sweep.notebook_runs([2], ("ln",), lr=0.1, crop_pad=2)
+    recipe = utils.recipe_from_dict(run["notebook_recipe"])
+    assert recipe == replace(utils.Recipe(), lr=0.1, augment=replace(utils.Recipe().augment, crop_pad=2))
+    assert (run["name"], run["norm"], run["seed"]) == ("notebook", "ln", 2)
+    for s in sweep.tune_grid() + sweep.tune2_grid():
+        net, recipe = sweep.model_and_recipe(s)
+        assert sum(p.numel() for p in net.parameters()) < 50000, s
+        assert recipe.epochs == 20 and recipe.batch_size == 64, s
