@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 
@@ -57,14 +56,15 @@ BUILDS = {
 BUILDS["separable-ws"] = replace(BUILDS["separable"], weight_standardization=True)
 
 
-class StandardizeWeight(nn.Module):
-    """A conv weight (out, in, kh, kw) with each output filter at zero mean and unit variance;
-    registered with torch.nn.utils.parametrize, so the conv trains the raw weight."""
+class StdConv2d(nn.Conv2d):
+    """A conv that uses each output filter of its weight at zero mean and unit variance (weight
+    standardization); it trains the raw weight. torch has no such layer; timm's is the same."""
 
-    def forward(self, w):
+    def forward(self, x):
+        w = self.weight
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return (w - mean) / torch.sqrt(var + 1e-5)
+        return self._conv_forward(x, (w - mean) / torch.sqrt(var + 1e-5), self.bias)
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -105,18 +105,17 @@ class ConvBlock(nn.Module):
     def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
                  separable=False, weight_standardization=False):
         super().__init__()
+        # weight standardization for every conv that mixes channels, not for the depthwise 3x3
+        # filters: at zero mean a 9-weight filter could only detect edges
+        mixing = StdConv2d if weight_standardization else nn.Conv2d
         if separable and kernel_size > 1:
             # A 3x3 filter per input channel, then a 1x1 mix: 9*c_in + c_in*c_out weights
             # instead of 9*c_in*c_out, so the same budget buys about 9x the width.
             self.conv = nn.Sequential(
                 nn.Conv2d(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False),
-                nn.Conv2d(c_in, c_out, 1, bias=False))
+                mixing(c_in, c_out, 1, bias=False))
         else:
-            self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=padding, bias=False)
-        if weight_standardization:
-            # not the depthwise 3x3 filters: at zero mean a 9-weight filter could only detect edges
-            for conv in [m for m in self.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]:
-                parametrize.register_parametrization(conv, "weight", StandardizeWeight())
+            self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=False)
         self.norm = make_norm(norm, c_out, groups, name)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(dropout)

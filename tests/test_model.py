@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import BUILDS, LayerNorm2d, Net, count_parameters, receptive_field
+from model import BUILDS, LayerNorm2d, Net, StdConv2d, count_parameters, receptive_field
 import utils
 
 NORM_TYPES = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d, "gn": nn.GroupNorm}
@@ -111,21 +111,27 @@ def test_the_notebooks_separable_build(norm):
 
 
 def test_weight_standardization_standardises_mixing_filters_only():
-    """build="separable-ws": every conv that mixes channels trains a raw weight whose filters are
-    used at zero mean and unit variance; the depthwise 3x3 filters are left alone; no parameter
-    is added."""
+    """build="separable-ws": every conv that mixes channels uses its filters at zero mean and unit
+    variance, so scaling and shifting a filter's raw weights changes nothing; the depthwise 3x3
+    filters stay plain convs; no parameter is added."""
     net = Net("gn", groups=8, build="separable-ws")
     assert count_parameters(net) == count_parameters(Net("gn", groups=8, build="separable")) == 49920
-    mixing = [net.layers.C1.conv, net.layers.c3.conv, net.layers.C4.conv[1]]
-    for conv in mixing:
+    for conv in [net.layers.C1.conv, net.layers.C2.conv, net.layers.c3.conv, net.layers.C4.conv[1]]:
+        assert isinstance(conv, StdConv2d)
+        inp = torch.randn(2, conv.in_channels, 8, 8)
         with torch.no_grad():
-            conv.parametrizations.weight.original.mul_(3.0).add_(0.7)    # any raw weight
+            conv.weight.normal_()                           # unit variance: the eps is negligible
+        before = conv(inp)
+        with torch.no_grad():
+            conv.weight.mul_(3.0).add_(0.7)                 # per filter: same after standardizing
+        assert torch.allclose(conv(inp), before, rtol=1e-4, atol=1e-4)
         w = conv.weight
-        assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-5)
-        assert torch.allclose(w.var(dim=(1, 2, 3), unbiased=False), torch.ones(w.shape[0]), atol=1e-3)
+        standardized = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / w.std(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        plain = nn.functional.conv2d(inp, standardized, padding=conv.padding)
+        assert torch.allclose(conv(inp), plain, rtol=1e-4, atol=1e-4)
     depthwise = net.layers.C4.conv[0]
-    assert not hasattr(depthwise, "parametrizations")
-    assert not hasattr(Net("gn", groups=8, build="separable").layers.C1.conv, "parametrizations")
+    assert type(depthwise) is nn.Conv2d and depthwise.groups == depthwise.in_channels
+    assert type(Net("gn", groups=8, build="separable").layers.C1.conv) is nn.Conv2d
     out = net(torch.randn(2, 3, 32, 32))
     out.sum().backward()                                   # the raw weight gets the gradient
-    assert net.layers.C1.conv.parametrizations.weight.original.grad is not None
+    assert net.layers.C1.conv.weight.grad is not None
