@@ -16,7 +16,7 @@ import time
 import urllib.error
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +333,8 @@ class Loader:
 @dataclass
 class Recipe:
     """Everything about how a network is trained, in one place. The defaults are the recipe
-    the notebooks train with, chosen by the trials in doc/trials.md."""
+    the notebooks train with, chosen by the trials in doc/trials.md; `recipe_for(norm)` adds the
+    departures of single norms (NORM_RECIPES)."""
     build: str = "separable"      # model.BUILDS name
     groups: int = 8               # GroupNorm groups, chosen by measurement (doc/trials.md); bn/ln ignore it
     dropout: float = None         # None: the build's own (0.02 for the reference build)
@@ -352,6 +353,18 @@ class Recipe:
         extra = {} if self.dropout is None else {"dropout": self.dropout}
         # channels_last weights, like make_loaders' images: faster on CPU and GPU, same numbers
         return Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
+
+
+# Where one norm's notebook departs from Recipe(), measured in the tuning round (README section 6):
+# weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm.
+NORM_RECIPES = {"ln": dict(build="separable-ws")}
+
+
+def recipe_for(norm):
+    """The recipe a norm's notebook trains: Recipe() with that norm's NORM_RECIPES entry."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(map(repr, NORMS))}")
+    return replace(Recipe(), **NORM_RECIPES.get(norm, {}))
 
 
 def set_seed(seed):

@@ -122,15 +122,17 @@ def separable_grid():
 
 
 def notebook_runs(seeds, norms=("bn", "ln", "gn"), **changes):
-    """The notebooks' own recipe (utils.Recipe()), or that recipe with `changes` (Recipe or Augment
-    fields), with these seeds: the variance runs, and the tuning runs whose seeds 2 and 3 count
-    for a notebook once it trains the same recipe."""
-    base = utils.Recipe()
+    """Each norm's notebook recipe (utils.recipe_for), or that recipe with `changes` (Recipe or
+    Augment fields), with these seeds: the variance runs, and the tuning runs whose seeds 2 and 3
+    count for a notebook once it trains the same recipe."""
     aug = {k: changes.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in changes}
-    recipe = replace(base, augment=replace(base.augment, **aug), **changes)
-    return [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build,
-                 notebook_recipe=utils.recipe_dict(recipe))
-            for n in norms for s in seeds]
+    runs = []
+    for n in norms:
+        base = utils.recipe_for(n)
+        recipe = replace(base, augment=replace(base.augment, **aug), **changes)
+        runs += [dict(name="notebook", norm=n, seed=s, groups=recipe.groups, notebook_build=recipe.build,
+                      notebook_recipe=utils.recipe_dict(recipe)) for s in seeds]
+    return runs
 
 
 def tune_grid():
@@ -245,8 +247,8 @@ def main():
         specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")], **changes)
     if a.gn_groups:
         specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
-                       notebook_build=utils.Recipe().build,
-                       notebook_recipe=utils.recipe_dict(replace(utils.Recipe(), groups=int(g))))
+                       notebook_build=utils.recipe_for("gn").build,
+                       notebook_recipe=utils.recipe_dict(replace(utils.recipe_for("gn"), groups=int(g))))
                   for g in a.gn_groups.split(",") if g]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
@@ -254,7 +256,8 @@ def main():
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
     if a.dry_run:
         for s in specs:
-            changes = (utils.recipe_changes(utils.recipe_dict(utils.Recipe()), s["notebook_recipe"], s["norm"])
+            changes = (utils.recipe_changes(utils.recipe_dict(utils.recipe_for(s["norm"])), s["notebook_recipe"],
+                                             s["norm"])
                        if "notebook_recipe" in s else s.get("recipe", ""))
             print(s["norm"], s["name"], s["seed"], s.get("build", s.get("notebook_build")), changes)
         return

@@ -100,9 +100,10 @@ def test_separable_names_must_be_3x3_blocks():
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_the_notebooks_separable_build(norm):
     """The build the notebooks train (README section 3): 49,920 parameters, RF 44, with the
-    notebooks' GroupNorm group count."""
-    net = utils.Recipe().make_model(norm)
-    assert net.build == "separable"
+    notebooks' GroupNorm group count; LayerNorm's with weight standardization."""
+    net = utils.recipe_for(norm).make_model(norm)
+    assert net.build == ("separable-ws" if norm == "ln" else "separable")
+    assert any(isinstance(m, StdConv2d) for m in net.modules()) == (norm == "ln")
     assert count_parameters(net) == 49920
     rows = {r["layer"]: r for r in receptive_field(net)}
     assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
@@ -135,3 +136,9 @@ def test_weight_standardization_standardises_mixing_filters_only():
     out = net(torch.randn(2, 3, 32, 32))
     out.sum().backward()                                   # the raw weight gets the gradient
     assert net.layers.C1.conv.weight.grad is not None
+
+
+def test_recipe_for_names_the_norms():
+    assert utils.recipe_for("bn") == utils.Recipe()
+    with pytest.raises(ValueError, match="unknown norm 'batch'.*'bn'"):
+        utils.recipe_for("batch")

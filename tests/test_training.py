@@ -290,7 +290,8 @@ def test_sweep_grids_build_and_record_what_they_train():
     spec.loader.exec_module(sweep)
     (run,) = sweep.notebook_runs([2], ("ln",), lr=0.1, crop_pad=2)
     recipe = utils.recipe_from_dict(run["notebook_recipe"])
-    assert recipe == replace(utils.Recipe(), lr=0.1, augment=replace(utils.Recipe().augment, crop_pad=2))
+    ln = utils.recipe_for("ln")
+    assert recipe == replace(ln, lr=0.1, augment=replace(ln.augment, crop_pad=2))
     assert (run["name"], run["norm"], run["seed"]) == ("notebook", "ln", 2)
     for s in sweep.tune_grid() + sweep.tune2_grid():
         net, recipe = sweep.model_and_recipe(s)
