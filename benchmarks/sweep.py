@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from multiprocessing import get_context
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -43,10 +43,17 @@ WIDTHS = {
 SEP_LOW = ("C3", "C4", "C5", "C7", "C8", "C9")
 SEP_ALL = ("C2",) + SEP_LOW
 
+AUGMENT_FIELDS = tuple(f.name for f in fields(utils.Augment))     # the rest of a change is Recipe's
+
+
+def pop_augment(changes):
+    """The Augment fields taken out of a dict of changes (which keeps the Recipe fields)."""
+    return {k: changes.pop(k) for k in AUGMENT_FIELDS if k in changes}
+
 
 def trial(name, norm, seed=1, widths="ref", tail_padding=0, skips=False, dropout=0.02, groups=4,
           separable=(), **recipe):
-    aug = {k: recipe.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in recipe}
+    aug = pop_augment(recipe)
     build = dict(widths=widths, tail_padding=tail_padding, skips=skips, dropout=dropout)
     if separable:
         build["separable"] = list(separable)
@@ -125,7 +132,7 @@ def notebook_runs(seeds, norms=("bn", "ln", "gn"), **changes):
     """Each norm's notebook recipe (utils.recipe_for), or that recipe with `changes` (Recipe or
     Augment fields), with these seeds: the variance runs, and the tuning runs whose seeds 2 and 3
     count for a notebook once it trains the same recipe."""
-    aug = {k: changes.pop(k) for k in ("flip", "crop_pad", "rotate_deg", "rotate_p") if k in changes}
+    aug = pop_augment(changes)
     runs = []
     for n in norms:
         base = utils.recipe_for(n)
