@@ -253,10 +253,8 @@ def main():
                 pass
         specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")], **changes)
     if a.gn_groups:
-        specs += [dict(name=f"notebook g{g}", norm="gn", seed=1, groups=int(g),
-                       notebook_build=utils.recipe_for("gn").build,
-                       notebook_recipe=utils.recipe_dict(replace(utils.recipe_for("gn"), groups=int(g))))
-                  for g in a.gn_groups.split(",") if g]
+        specs += [dict(run, name=f"notebook g{g}")
+                  for g in a.gn_groups.split(",") if g for run in notebook_runs([1], ("gn",), groups=int(g))]
     again = a.seed_names.split(",") if a.seed_names else []
     specs += [dict(s, seed=int(seed)) for s in specs if s["name"] in again for seed in a.seeds.split(",")]
     specs = [s for s in specs if s["norm"] in a.norms.split(",")]
