@@ -344,6 +344,7 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay_norms: bool = True      # weight decay on the norms' scale and shift too; False spares them
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
     augment: Augment = field(default_factory=lambda: Augment(flip=0.5, crop_pad=0,
@@ -365,6 +366,11 @@ def recipe_for(norm):
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(map(repr, NORMS))}")
     return replace(Recipe(), **NORM_RECIPES.get(norm, {}))
+
+
+# Recipe fields added after runs were recorded, with the value that reproduces the training of
+# those older records (a new field's default keeps the old behaviour).
+ADDED_FIELDS = {"decay_norms": True}
 
 
 def set_seed(seed):
@@ -392,9 +398,19 @@ def device_name(device):
     return device.type
 
 
+NORM_LAYERS = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)     # model.LayerNorm2d is a GroupNorm
+
+
 def make_optimizer(model, recipe, steps_per_epoch):
-    """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch."""
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch.
+    With recipe.decay_norms False the norms' affine scale and shift train without weight decay."""
+    params = list(model.parameters())
+    if not recipe.decay_norms:
+        norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
+                       for p in m.parameters(recurse=False)}
+        params = [dict(params=[p for p in params if id(p) not in norm_params]),
+                  dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
+    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     # One step more than the batches, so that the step after the last batch stays inside the
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
@@ -615,8 +631,9 @@ def _read_jsonl(path):
 
 def _flat_recipe(recipe, norm=None):
     """A recipe record as one flat dict (augment's fields inline), for comparing two of them.
-    Given a norm other than GroupNorm, `groups` is left out: it changes nothing in that run."""
-    recipe = dict(recipe or {})
+    Given a norm other than GroupNorm, `groups` is left out: it changes nothing in that run.
+    A record from before a Recipe field existed trained as that field's default (ADDED_FIELDS)."""
+    recipe = {**ADDED_FIELDS, **(recipe or {})} if recipe else {}
     flat = {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
     if norm is not None and norm != "gn":
         flat.pop("groups", None)

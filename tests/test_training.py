@@ -195,6 +195,34 @@ def test_seed_runs_of_other_norms_ignore_the_group_count():
     assert rows[1] == "| GroupNorm | separable build | 81.00% | not run | not run | - |"
 
 
+def test_records_from_before_a_recipe_field_compare_as_its_default():
+    now = utils.recipe_dict(utils.Recipe())
+    old = {k: v for k, v in now.items() if k not in utils.ADDED_FIELDS}
+    assert old != now
+    assert utils.recipe_changes(old, now) == "nothing"
+    spared = utils.recipe_dict(replace(utils.Recipe(), decay_norms=False))
+    assert utils.recipe_changes(old, spared) == "decay_norms True → False"
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+@pytest.mark.parametrize("decay_norms", [True, False])
+def test_decay_norms_false_spares_the_norm_parameters_only(norm, decay_norms):
+    recipe = replace(utils.Recipe(), decay_norms=decay_norms, groups=4, build="reference")
+    model = recipe.make_model(norm)
+    optimizer, _ = utils.make_optimizer(model, recipe, steps_per_epoch=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)         # a step with zero gradients moves weights by decay alone
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    norm_scales = {n for n in before if n.endswith(".norm.weight")}
+    convs = {n for n in before if ".norm." not in n}
+    assert len(norm_scales) == 10 and len(convs) == 11     # C1..C9 with their norms, and c10
+    assert convs <= moved
+    assert (norm_scales <= moved) == decay_norms
+    assert moved <= convs | norm_scales      # the shifts start at zero, where decay does nothing
+
+
 def test_targets_table_needs_the_notebook_run_and_a_three_seed_mean():
     recipe = utils.recipe_dict(utils.Recipe())
 
