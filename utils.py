@@ -356,9 +356,10 @@ class Recipe:
         return Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
 
 
-# Where one norm's notebook departs from Recipe(), measured in the tuning round (README section 6):
-# weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm.
-NORM_RECIPES = {"ln": dict(build="separable-ws")}
+# Where one norm's notebook departs from Recipe(), measured in the tuning rounds (README section 6):
+# weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
+# norms' scale and shift from weight decay lifted GroupNorm (not yet run for the other two).
+NORM_RECIPES = {"ln": dict(build="separable-ws"), "gn": dict(decay_norms=False)}
 
 
 def recipe_for(norm):
@@ -795,30 +796,46 @@ def trials_table(runs, records=()):
 
 
 def tuning_table(runs, records):
-    """Changes to the current notebook recipes, each one's mean over its seeds against the unchanged
-    recipe's mean on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
-    comparison never crosses machines). The unchanged recipe's seeds on the notebook's own machine
-    include the notebook run."""
-    rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the unchanged recipe |",
+    """Changes to the current notebook recipes, each one's mean over its seeds against the nearest
+    recipe measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
+    comparison never crosses machines): the unchanged recipe, or, where that has no runs there,
+    the measured recipe with the most of the row's changes and nothing else. A run from before
+    the notebook's recipe changed thus still compares with its own unchanged recipe. The unchanged
+    recipe's seeds on the notebook's own machine include the notebook run."""
+    rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the nearest measured recipe |",
             "|---|---|---|---|---|---|"]
     for r in records:
         groups = {}
         for x in runs:
             if (x["norm"] == r["norm"] and x.get("name", "").startswith("notebook") and "notebook_recipe" in x
                     and "final" in x and machine(x)):
-                change = recipe_changes(r.get("recipe"), x["notebook_recipe"], r["norm"])
-                if change != "nothing":
-                    groups.setdefault((machine(x), change), []).append(x["final"])
+                diff = tuple(_recipe_diff(r.get("recipe"), x["notebook_recipe"], r["norm"]))
+                if diff:
+                    groups.setdefault((machine(x), diff), []).append(x["final"])
         for on in ("CPU", "GPU"):
-            changes = sorted((change, accs) for (m, change), accs in groups.items() if m == on)
-            if not changes:
+            measured = {diff: accs for (m, diff), accs in groups.items() if m == on}
+            if not measured:
                 continue
             base = list(_seed_accuracies(r, runs, on=on).values())
-            for change, accs in [("none (the notebook's recipe)", base)] * bool(base) + changes:
+            if base:
+                measured[()] = base
+
+            def label(diff):
+                return ", ".join(f"{k} {x} → {y}" for k, x, y in diff) or "none (the notebook's recipe)"
+            for diff in sorted(measured, key=lambda d: (d != (), label(d))):
+                accs = measured[diff]
                 spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
-                delta = ("-" if accs is base else f"**{np.mean(accs) - np.mean(base):+.2f}**" if base
-                         else "no run of the unchanged recipe")
-                rows.append(f"| {NORMS[r['norm']]} | {on} | {change} | {len(accs)} | "
+                nearer = [d for d in measured if set(d) < set(diff)]
+                if not diff:
+                    delta = "-"
+                elif not nearer:
+                    delta = "no run of a recipe it changes"
+                else:
+                    near = max(nearer, key=len)
+                    delta = f"**{np.mean(accs) - np.mean(measured[near]):+.2f}**"
+                    if near:
+                        delta += f" against {label(near)}"
+                rows.append(f"| {NORMS[r['norm']]} | {on} | {label(diff)} | {len(accs)} | "
                             f"{np.mean(accs):.2f}{spread}% | {delta} |")
     return "\n".join(rows)
 

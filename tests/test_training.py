@@ -288,7 +288,7 @@ def test_recipe_round_trips_through_its_record():
     assert utils.recipe_from_dict(utils.recipe_dict(recipe)) == recipe
 
 
-def test_tuning_table_compares_each_change_on_its_own_machine():
+def test_tuning_table_compares_each_change_on_its_own_machine_with_the_nearest_recipe():
     now = utils.Recipe()
     record = dict(norm="gn", build="separable", device="CPU (2 threads)", recipe=utils.recipe_dict(now),
                   history=[dict(test_acc=81.0)])
@@ -306,6 +306,15 @@ def test_tuning_table_compares_each_change_on_its_own_machine():
         "| GroupNorm | CPU | lr 0.05 → 0.1 | 1 | 81.50% | **-0.50** |",
         "| GroupNorm | GPU | none (the notebook's recipe) | 2 | 85.00 ± 1.41% | - |",
         "| GroupNorm | GPU | lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** |"]
+    # after the notebook's recipe changes, old runs compare with the recipe they changed, not the new one
+    newer = dict(record, recipe=utils.recipe_dict(replace(now, decay_norms=False)), history=[dict(test_acc=82.0)])
+    rows = utils.tuning_table(runs, [newer]).splitlines()[2:]
+    assert rows == [
+        "| GroupNorm | CPU | none (the notebook's recipe) | 1 | 82.00% | - |",
+        "| GroupNorm | CPU | decay_norms False → True | 1 | 83.00% | **+1.00** |",
+        "| GroupNorm | CPU | decay_norms False → True, lr 0.05 → 0.1 | 1 | 81.50% | **-1.50** against decay_norms False → True |",
+        "| GroupNorm | GPU | decay_norms False → True | 2 | 85.00 ± 1.41% | no run of a recipe it changes |",
+        "| GroupNorm | GPU | decay_norms False → True, lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** against decay_norms False → True |"]
 
 
 def test_sweep_grids_build_and_record_what_they_train():
