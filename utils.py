@@ -647,9 +647,14 @@ def _recipe_diff(old, new, norm=None):
     return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
 
 
+def _describe(diff):
+    """A recipe diff as text, e.g. "batch_size 128 → 64, lr 0.05 → 0.1"."""
+    return ", ".join(f"{k} {x} → {y}" for k, x, y in diff)
+
+
 def recipe_changes(old, new, norm=None):
     """What differs between two recipe records, e.g. "batch_size 128 → 64"."""
-    return ", ".join(f"{k} {x} → {y}" for k, x, y in _recipe_diff(old, new, norm)) or "nothing"
+    return _describe(_recipe_diff(old, new, norm)) or "nothing"
 
 
 def _same_recipe(a, b, norm):
@@ -798,10 +803,10 @@ def trials_table(runs, records=()):
 def tuning_table(runs, records):
     """Changes to the current notebook recipes, each one's mean over its seeds against the nearest
     recipe measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
-    comparison never crosses machines): the unchanged recipe, or, where that has no runs there,
-    the measured recipe with the most of the row's changes and nothing else. A run from before
-    the notebook's recipe changed thus still compares with its own unchanged recipe. The unchanged
-    recipe's seeds on the notebook's own machine include the notebook run."""
+    comparison never crosses machines): of the measured recipes that make only some of the row's
+    changes (the unchanged recipe makes none), the one that makes the most. So a run from before
+    the notebook's recipe changed compares with the recipe it changed, which the last column
+    names. The unchanged recipe's seeds on the notebook's own machine include the notebook run."""
     rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the nearest measured recipe |",
             "|---|---|---|---|---|---|"]
     for r in records:
@@ -821,7 +826,7 @@ def tuning_table(runs, records):
                 measured[()] = base
 
             def label(diff):
-                return ", ".join(f"{k} {x} → {y}" for k, x, y in diff) or "none (the notebook's recipe)"
+                return _describe(diff) or "none (the notebook's recipe)"
             for diff in sorted(measured, key=lambda d: (d != (), label(d))):
                 accs = measured[diff]
                 spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
