@@ -82,6 +82,10 @@ class LayerNorm2d(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
 
+# The layer types make_norm returns (LayerNorm2d is a GroupNorm), for code that treats them apart.
+NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm)
+
+
 def make_norm(norm, channels, groups, layer):
     """The normalisation layer for one block; `layer` names the block in error messages."""
     if norm == "bn":

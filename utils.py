@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
-from model import NORMS, Net
+from model import NORM_LAYERS, NORMS, Net
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -397,9 +397,6 @@ def device_name(device):
     if device.type == "cpu":
         return f"CPU ({torch.get_num_threads()} threads)"
     return device.type
-
-
-NORM_LAYERS = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)     # model.LayerNorm2d is a GroupNorm
 
 
 def make_optimizer(model, recipe, steps_per_epoch):
