@@ -358,8 +358,8 @@ class Recipe:
 
 # Where one norm's notebook departs from Recipe(), measured in the tuning rounds (README section 6):
 # weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
-# norms' scale and shift from weight decay lifted GroupNorm (not yet run for the other two).
-NORM_RECIPES = {"ln": dict(build="separable-ws"), "gn": dict(decay_norms=False)}
+# norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (not yet run for LayerNorm).
+NORM_RECIPES = {"bn": dict(decay_norms=False), "ln": dict(build="separable-ws"), "gn": dict(decay_norms=False)}
 
 
 def recipe_for(norm):
@@ -797,25 +797,33 @@ def trials_table(runs, records=()):
     return "\n".join(rows)
 
 
-def tuning_table(runs, records):
+def _as_run(record):
+    """An earlier notebook record in the shape of a sweep run of its recipe."""
+    return dict(name="notebook", norm=record["norm"], seed=record.get("seed", 1), device=record.get("device", ""),
+                notebook_recipe=record.get("recipe"), final=record["history"][-1]["test_acc"])
+
+
+def tuning_table(runs, records, earlier=()):
     """Changes to the current notebook recipes, each one's mean over its seeds against the nearest
     recipe measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
     comparison never crosses machines): of the measured recipes that make only some of the row's
     changes (the unchanged recipe makes none), the one that makes the most. So a run from before
     the notebook's recipe changed compares with the recipe it changed, which the last column
-    names. The unchanged recipe's seeds on the notebook's own machine include the notebook run."""
+    names. The unchanged recipe's seeds on the notebook's own machine include the notebook run;
+    `earlier` notebook records count as runs of their recipe. A recipe has one accuracy per seed
+    and machine (a sweep run that repeats an earlier notebook run is not counted twice)."""
     rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the nearest measured recipe |",
             "|---|---|---|---|---|---|"]
     for r in records:
         groups = {}
-        for x in runs:
-            if (x["norm"] == r["norm"] and x.get("name", "").startswith("notebook") and "notebook_recipe" in x
+        for x in list(runs) + [_as_run(e) for e in earlier if e.get("recipe")]:
+            if (x["norm"] == r["norm"] and x.get("name", "").startswith("notebook") and x.get("notebook_recipe")
                     and "final" in x and machine(x)):
                 diff = tuple(_recipe_diff(r.get("recipe"), x["notebook_recipe"], r["norm"]))
                 if diff:
-                    groups.setdefault((machine(x), diff), []).append(x["final"])
+                    groups.setdefault((machine(x), diff), {}).setdefault(x["seed"], x["final"])
         for on in ("CPU", "GPU"):
-            measured = {diff: accs for (m, diff), accs in groups.items() if m == on}
+            measured = {diff: list(accs.values()) for (m, diff), accs in groups.items() if m == on}
             if not measured:
                 continue
             base = list(_seed_accuracies(r, runs, on=on).values())
@@ -909,7 +917,7 @@ def render_report(root="."):
     text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
     text = _replace_block(text, "targets", targets_table(records, runs))
     text = _replace_block(text, "trials", trials)
-    text = _replace_block(text, "tuning", tuning_table(runs, records))
+    text = _replace_block(text, "tuning", tuning_table(runs, records, earlier))
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))

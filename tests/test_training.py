@@ -317,6 +317,26 @@ def test_tuning_table_compares_each_change_on_its_own_machine_with_the_nearest_r
         "| GroupNorm | GPU | decay_norms False → True, lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** against decay_norms False → True |"]
 
 
+
+def test_tuning_table_counts_earlier_notebook_runs_once_per_seed():
+    now = utils.Recipe()
+    record = dict(norm="bn", build="separable", device="CPU (2 threads)", recipe=utils.recipe_dict(now),
+                  history=[dict(test_acc=84.0)])
+    old = utils.recipe_dict(replace(now, weight_decay=1e-3))
+
+    def notebook(seed, acc):     # an earlier executed notebook (seed 1) or its seed run, same recipe
+        return dict(norm="bn", seed=seed, device="CPU (2 threads)", recipe=old, history=[dict(test_acc=acc)])
+    runs = [dict(name="notebook", norm="bn", seed=2, final=82.0, device="CPU (2 threads)", notebook_recipe=old),
+            dict(name="notebook", norm="bn", seed=1, final=81.0, device="CPU (2 threads)", notebook_recipe=old)]
+    rows = utils.tuning_table(runs, [record], earlier=[notebook(1, 81.0)]).splitlines()[2:]
+    assert rows == [
+        "| BatchNorm | CPU | none (the notebook's recipe) | 1 | 84.00% | - |",
+        "| BatchNorm | CPU | weight_decay 0.0005 → 0.001 | 2 | 81.50 ± 0.71% | **-2.50** |"]
+    # without the sweep's copy of seed 1, the earlier notebook run alone supplies it
+    rows = utils.tuning_table(runs[:1], [record], earlier=[notebook(1, 81.0)]).splitlines()[2:]
+    assert rows[1].endswith("| 2 | 81.50 ± 0.71% | **-2.50** |")
+
+
 def test_sweep_grids_build_and_record_what_they_train():
     """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
     run records exactly the recipe it will train (its changes and nothing else)."""
