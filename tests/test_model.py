@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -138,7 +140,9 @@ def test_weight_standardization_standardises_mixing_filters_only():
     assert net.layers.C1.conv.weight.grad is not None
 
 
-def test_recipe_for_names_the_norms():
-    assert utils.recipe_for("bn") == utils.Recipe()
+def test_recipe_for_names_the_norms(monkeypatch):
+    monkeypatch.setattr(utils, "NORM_RECIPES", {"ln": dict(lr=0.1)})
+    assert utils.recipe_for("bn") == utils.Recipe()                     # no entry: the common recipe
+    assert utils.recipe_for("ln") == replace(utils.Recipe(), lr=0.1)    # its entry on top
     with pytest.raises(ValueError, match="unknown norm 'batch'.*'bn'"):
         utils.recipe_for("batch")
