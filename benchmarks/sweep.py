@@ -128,6 +128,30 @@ def separable_grid():
     return t
 
 
+CHANGE_TYPES = {f.name: f.type for f in fields(utils.Recipe) + fields(utils.Augment) if f.name != "augment"}
+
+
+def parse_change(text):
+    """One --change FIELD=VALUE as (field, value), the value converted to the field's type, so that
+    `decay_norms=False` is the bool False (a string "False" would be true) and a typo fails here
+    instead of training the unchanged recipe."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in CHANGE_TYPES:
+        raise ValueError(f"--change {text!r}: expected FIELD=VALUE with FIELD one of {sorted(CHANGE_TYPES)}")
+    kind = CHANGE_TYPES[name]
+    if kind is bool:
+        flags = {"true": True, "1": True, "false": False, "0": False}
+        if value.lower() not in flags:
+            raise ValueError(f"--change {text!r}: {name} takes true or false")
+        return name, flags[value.lower()]
+    if name == "dropout" and value.lower() == "none":
+        return name, None                                  # the build's own dropout
+    try:
+        return name, kind(value)
+    except ValueError:
+        raise ValueError(f"--change {text!r}: {name} takes {kind.__name__} values, not {value!r}") from None
+
+
 def notebook_runs(seeds, norms=("bn", "ln", "gn"), **changes):
     """Each norm's notebook recipe (utils.recipe_for), or that recipe with `changes` (Recipe or
     Augment fields), with these seeds: the variance runs, and the tuning runs whose seeds 2 and 3
@@ -245,12 +269,7 @@ def main():
         keep = a.only.split(",")
         specs = [s for s in specs if s["name"] in keep]
     if a.notebook_seeds:
-        changes = dict(c.split("=", 1) for c in a.change)
-        for k, v in changes.items():
-            try:
-                changes[k] = json.loads(v)         # numbers and true/false; names stay text
-            except json.JSONDecodeError:
-                pass
+        changes = dict(parse_change(c) for c in a.change)
         specs += notebook_runs([int(s) for s in a.notebook_seeds.split(",")], **changes)
     if a.gn_groups:
         specs += [dict(run, name=f"notebook g{g}")

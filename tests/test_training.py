@@ -337,14 +337,20 @@ def test_tuning_table_counts_earlier_notebook_runs_once_per_seed():
     assert rows[1].endswith("| 2 | 81.50 ± 0.71% | **-2.50** |")
 
 
-def test_sweep_grids_build_and_record_what_they_train():
-    """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
-    run records exactly the recipe it will train (its changes and nothing else)."""
+def load_sweep():
+    """benchmarks/sweep.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parent.parent / "benchmarks" / "sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_sweep_grids_build_and_record_what_they_train():
+    """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
+    run records exactly the recipe it will train (its changes and nothing else)."""
+    sweep = load_sweep()
     (run,) = sweep.notebook_runs([2], ("ln",), lr=0.1, crop_pad=2)
     recipe = utils.recipe_from_dict(run["notebook_recipe"])
     ln = utils.recipe_for("ln")
@@ -354,3 +360,24 @@ def test_sweep_grids_build_and_record_what_they_train():
         net, recipe = sweep.model_and_recipe(s)
         assert sum(p.numel() for p in net.parameters()) < 50000, s
         assert recipe.epochs == 20 and recipe.batch_size == 64, s
+
+
+def test_sweep_change_takes_the_fields_type():
+    """--change values become what the field holds: "False" for a bool is False (a string would be
+    true and train the unchanged recipe), and an unknown field or bad value fails before training."""
+    sweep = load_sweep()
+    assert sweep.parse_change("decay_norms=False") == ("decay_norms", False)
+    assert sweep.parse_change("nesterov=true") == ("nesterov", True)
+    assert sweep.parse_change("lr=0.1") == ("lr", 0.1)
+    name, pad = sweep.parse_change("crop_pad=2")
+    assert (name, pad, type(pad)) == ("crop_pad", 2, int)
+    assert sweep.parse_change("build=separable-ws") == ("build", "separable-ws")
+    assert sweep.parse_change("dropout=None") == ("dropout", None)
+    (run,) = sweep.notebook_runs([1], ("ln",), **dict([sweep.parse_change("decay_norms=False")]))
+    assert run["notebook_recipe"]["decay_norms"] is False
+    with pytest.raises(ValueError, match="true or false"):
+        sweep.parse_change("decay_norms=no")
+    with pytest.raises(ValueError, match="FIELD one of"):
+        sweep.parse_change("lrr=0.1")
+    with pytest.raises(ValueError, match="takes int values"):
+        sweep.parse_change("epochs=2.5")
