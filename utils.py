@@ -181,7 +181,7 @@ def _decode_image_files(files, where):
         images = torch.empty(len(items), *IMAGE_SHAPE, dtype=torch.uint8)
         labels = torch.empty(len(items), dtype=torch.int64)
         items.sort(key=lambda item: item[1])          # the same order on every machine
-        for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5)):
+        for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5, ascii=True)):
             try:
                 with warnings.catch_warnings():   # torchvision 0.29 marks its decoders deprecated
                     warnings.simplefilter("ignore", DeprecationWarning)

@@ -212,7 +212,7 @@ def model_and_recipe(spec):
     return model, recipe
 
 
-def run_one(spec, data_path, device, threads=1, smoke=False):
+def run_one(spec, data_path, device, threads=1, smoke=False, progress=False):
     torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
     utils.set_seed(spec["seed"])
@@ -223,7 +223,7 @@ def run_one(spec, data_path, device, threads=1, smoke=False):
         recipe, subsets = replace(recipe, epochs=1), dict(train_subset=512, test_subset=512)
     train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], **subsets)
     start = time.time()
-    history = utils.fit(model, train, test, recipe, progress=False)
+    history = utils.fit(model, train, test, recipe, progress=progress)
     return dict(spec, params=count_parameters(model), final=history[-1]["test_acc"],
                 best=max(h["test_acc"] for h in history), train_final=history[-1]["train_acc"],
                 seconds=round(time.time() - start, 1), device=utils.device_name(device),
@@ -231,9 +231,9 @@ def run_one(spec, data_path, device, threads=1, smoke=False):
 
 
 def worker(args):
-    spec, data_path, threads, smoke = args
+    spec, data_path, threads, smoke, progress = args
     try:
-        return run_one(spec, data_path, utils.pick_device(), threads, smoke)
+        return run_one(spec, data_path, utils.pick_device(), threads, smoke, progress)
     except Exception as e:    # one broken config must not end the sweep
         return dict(spec, error=repr(e))
 
@@ -288,7 +288,10 @@ def main():
     utils.load_cifar10(a.data)          # decode once; the workers read the cache
     with get_context("spawn").Pool(a.workers) as pool, open(a.out, "a") as out:
         threads = max(1, (os.cpu_count() or 1) // a.workers)
-        for r in pool.imap_unordered(worker, [(s, a.data, threads, a.smoke) for s in specs]):
+        # one worker: its epochs are shown as they end (a CPU run takes half an hour); several
+        # workers' lines would interleave, so they report each finished run only
+        progress = a.workers == 1
+        for r in pool.imap_unordered(worker, [(s, a.data, threads, a.smoke, progress) for s in specs]):
             out.write(json.dumps(r) + "\n")
             out.flush()
             print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"),

@@ -1,4 +1,5 @@
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -381,3 +382,19 @@ def test_sweep_change_takes_the_fields_type():
         sweep.parse_change("lrr=0.1")
     with pytest.raises(ValueError, match="takes int values"):
         sweep.parse_change("epochs=2.5")
+
+
+def test_sweep_run_one_trains_and_records_the_run(cifar, capsys):
+    """One sweep run through the notebooks' code path (smoke mode: 1 epoch on 512 real images):
+    its record carries the spec, the model's parameter count and a one-epoch history whose final
+    accuracy is the record's; with progress on, the epoch line is printed."""
+    sweep = load_sweep()
+    (spec,) = sweep.notebook_runs([1], ("gn",), build="separable-wide16")
+    data_path = os.environ["S8_DATA"]
+    r = sweep.run_one(spec, data_path, torch.device("cpu"), threads=1, smoke=True, progress=True)
+    assert r["params"] == sum(p.numel() for p in Net("gn", groups=8, build="separable-wide16").parameters())
+    assert (r["norm"], r["seed"], r["notebook_build"]) == ("gn", 1, "separable-wide16")
+    assert len(r["history"]) == 1 and r["final"] == r["history"][-1]["test_acc"]
+    assert 0 <= r["final"] <= 100 and r["seconds"] > 0
+    printed = capsys.readouterr()
+    assert "epoch  1" in printed.out + printed.err
