@@ -55,7 +55,8 @@ BUILDS = {
 # and LayerNorm most: every conv that mixes channels standardises each of its filters.
 BUILDS["separable-ws"] = replace(BUILDS["separable"], weight_standardization=True)
 # The separable build with width moved from the 8x8 stage to the 16x16 stage, where the same
-# parameters do four times the compute: 49,488 parameters, about 20% more multiply-adds.
+# parameters do four times the compute: 49,488 parameters, about 20% more multiply-adds. One
+# BatchNorm trial (doc/trials.md): it fit the training set better and tested no better; not adopted.
 BUILDS["separable-wide16"] = replace(BUILDS["separable"], widths=(16, 32, 48, 80, 80, 80, 48, 80, 80, 80))
 
 
