@@ -240,7 +240,8 @@ def worker(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="a local CIFAR-10 copy (folder or .tar.gz, see utils.load_cifar10); "
+                   "default: $S8_DATA, else torchvision's download into data/")
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seeds", default="2,3", help="the extra seeds for --seed-names")
