@@ -205,6 +205,31 @@ def test_records_from_before_a_recipe_field_compare_as_its_default():
     assert utils.recipe_changes(old, spared) == "decay_norms True → False"
 
 
+@pytest.mark.parametrize("swing", [0.05, 0.0])
+def test_momentum_follows_the_recipe(swing):
+    """One-cycle moves momentum against the lr within momentum +- swing; swing 0 holds it still."""
+    recipe = replace(utils.Recipe(), momentum_swing=swing, epochs=2)
+
+    def momenta(optimizer, scheduler):
+        seen = []
+        for _ in range(21):
+            seen.append(optimizer.param_groups[0]["momentum"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    seen = momenta(*utils.make_optimizer(recipe.make_model("bn"), recipe, steps_per_epoch=10))
+    if swing:
+        assert seen[0] == 0.95 and min(seen) < 0.86
+        # exactly the momenta of OneCycleLR's defaults (0.85-0.95), which every recorded run used
+        sgd = torch.optim.SGD(recipe.make_model("bn").parameters(), lr=recipe.lr, momentum=0.9)
+        default = torch.optim.lr_scheduler.OneCycleLR(
+            sgd, max_lr=recipe.lr, total_steps=21, pct_start=recipe.warmup, anneal_strategy="linear")
+        assert seen == momenta(sgd, default)
+    else:
+        assert set(seen) == {0.9}
+
+
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 @pytest.mark.parametrize("decay_norms", [True, False])
 def test_decay_norms_false_spares_the_norm_parameters_only(norm, decay_norms):
