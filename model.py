@@ -24,6 +24,7 @@ NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
 # The 10 widths are the output channels of C1 C2 c3 C3 C4 C5 c6 C7 C8 C9, in order.
 BLOCK_NAMES = ("C1", "C2", "c3", "C3", "C4", "C5", "c6", "C7", "C8", "C9")
 SPATIAL_BLOCKS = tuple(n for n in BLOCK_NAMES if n[0] == "C")     # the 3x3 blocks
+SQUEEZE_BLOCKS = tuple(n for n in BLOCK_NAMES if n[0] == "c")     # the 1x1 squeezes c3 and c6
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Build:
     skips: bool = False        # x + block(x) around every 3x3 block whose input and output shapes match
     separable: tuple = ()      # names of 3x3 blocks built as depthwise 3x3 + pointwise 1x1
     weight_standardization: bool = False   # each filter of a conv scaled to zero mean, unit variance
+    linear_squeeze: bool = False  # c3 and c6 end at their norm (no ReLU, no dropout), as MobileNetV2's
+                                  # linear bottlenecks: a ReLU in the squeezed space discards features
 
 
 BUILDS = {
@@ -58,6 +61,12 @@ BUILDS["separable-ws"] = replace(BUILDS["separable"], weight_standardization=Tru
 # parameters do four times the compute: 49,488 parameters, about 20% more multiply-adds. One
 # BatchNorm trial (doc/trials.md): it fit the training set better and tested no better; not adopted.
 BUILDS["separable-wide16"] = replace(BUILDS["separable"], widths=(16, 32, 48, 80, 80, 80, 48, 80, 80, 80))
+# The separable build with additive skips wherever a block keeps its input's shape (c3, C4, C5):
+# no extra parameters. One BatchNorm trial (doc/trials.md).
+BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
+# The separable build with linear squeezes (c3, c6: conv -> norm, no ReLU): no extra parameters.
+# One BatchNorm trial (doc/trials.md).
+BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)
 
 
 class StdConv2d(nn.Conv2d):
@@ -108,10 +117,10 @@ def make_norm(norm, channels, groups, layer):
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias) -> norm -> ReLU -> dropout, optionally with an additive skip."""
+    """conv (no bias) -> norm -> ReLU -> dropout (linear: conv -> norm), optionally with an additive skip."""
 
     def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
-                 separable=False, weight_standardization=False):
+                 separable=False, weight_standardization=False, linear=False):
         super().__init__()
         # weight standardization for every conv that mixes channels, not for the depthwise 3x3
         # filters: at zero mean a 9-weight filter could only detect edges
@@ -125,8 +134,9 @@ class ConvBlock(nn.Module):
         else:
             self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=False)
         self.norm = make_norm(norm, c_out, groups, name)
-        self.relu = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
+        # a linear block (Build.linear_squeeze) keeps the norm's output as it is
+        self.relu = nn.Identity() if linear else nn.ReLU()
+        self.drop = nn.Identity() if linear else nn.Dropout(dropout)
         # A skip is only possible where the block keeps the shape of its input.
         self.skip = skip and c_in == c_out and kernel_size == 2 * padding + 1
 
@@ -160,7 +170,8 @@ class Net(nn.Module):
 
         def block(name, c_in, kernel_size, padding):
             return ConvBlock(name, c_in, w[name], kernel_size, padding, norm, groups,
-                             cfg.dropout, cfg.skips, name in cfg.separable, cfg.weight_standardization)
+                             cfg.dropout, cfg.skips, name in cfg.separable, cfg.weight_standardization,
+                             linear=cfg.linear_squeeze and name in SQUEEZE_BLOCKS)
 
         tail = cfg.tail_padding
         self.layers = nn.Sequential(OrderedDict([

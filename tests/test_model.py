@@ -113,6 +113,30 @@ def test_the_notebooks_separable_build(norm):
     assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
 
 
+def test_separable_skips_add_input_where_shapes_match():
+    net = Net("bn", build="separable-skips").eval()
+    skipped = [name for name, block in net.layers.named_children() if getattr(block, "skip", False)]
+    assert skipped == ["c3", "C4", "C5"]          # 32->32 at 1x1, 64->64 at 3x3
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        block = net.layers.C4
+        assert torch.equal(block(x), x + block.drop(block.relu(block.norm(block.conv(x)))))
+
+
+def test_linear_squeeze_ends_c3_and_c6_at_their_norm():
+    net = Net("bn", build="separable-linear").eval()
+    assert count_parameters(net) == count_parameters(Net("bn", build="separable"))
+    for name, block in net.layers.named_children():
+        if name in ("c3", "c6"):
+            x = torch.randn(2, block.conv.in_channels, 8, 8)
+            with torch.no_grad():
+                out = block(x)
+                assert torch.equal(out, block.norm(block.conv(x)))
+            assert (out < 0).any()                    # nothing clipped the negative half
+        elif hasattr(block, "relu"):
+            assert isinstance(block.relu, nn.ReLU) and isinstance(block.drop, nn.Dropout)
+
+
 def test_weight_standardization_standardises_mixing_filters_only():
     """build="separable-ws": every conv that mixes channels uses its filters at zero mean and unit
     variance, so scaling and shifting a filter's raw weights changes nothing; the depthwise 3x3
