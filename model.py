@@ -33,7 +33,7 @@ class Build:
     widths: tuple = (16, 32, 16, 32, 32, 32, 16, 16, 32, 32)
     dropout: float = 0.02      # after every ReLU
     tail_padding: int = 0      # padding of C8 and C9: 0 shrinks 8x8 -> 6x6 -> 4x4 as in the seed
-    skips: bool = False        # x + block(x) around every 3x3 block whose input and output shapes match
+    skips: bool = False        # x + block(x) around every block (3x3 or 1x1) whose input and output shapes match
     separable: tuple = ()      # names of 3x3 blocks built as depthwise 3x3 + pointwise 1x1
     weight_standardization: bool = False   # each filter of a conv scaled to zero mean, unit variance
     linear_squeeze: bool = False  # c3 and c6 end at their norm (no ReLU, no dropout), as MobileNetV2's
