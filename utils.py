@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
@@ -233,11 +234,14 @@ class Augment:
 
     flip: probability of a horizontal flip; crop_pad: random crop after padding by this many
     pixels (an integer shift in [-pad, pad], zero fill); rotate_deg/rotate_p: rotate by an angle
-    uniform in [-deg, deg] with probability p."""
+    uniform in [-deg, deg] with probability p; flip_alternate: each image's flip is drawn once
+    (probability flip) and then inverted every epoch, so any two epochs in a row show every image
+    both ways (Loader keeps the per-image draw; as in Jordan's cifar10-airbench)."""
     flip: float = 0.5
     crop_pad: int = 4
     rotate_deg: float = 0.0
     rotate_p: float = 0.0
+    flip_alternate: bool = False
 
     def draw(self, n, generator):
         """The random choices for n images, drawn on the CPU so that a seed gives the same
@@ -309,6 +313,8 @@ class Loader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
+        self.epoch = 0              # passes started so far
+        self.first_flips = None     # per image, for Augment.flip_alternate: the first epoch's flips
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
@@ -317,9 +323,17 @@ class Loader:
         n, bs = len(self.labels), self.batch_size
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         if self.augment is not None:
-            choices = [t.to(self.device, non_blocking=True) for t in self.augment.draw(n, self.generator)]
+            choices = list(self.augment.draw(n, self.generator))
+            if self.augment.flip_alternate:
+                # the first epoch's draw, read as one flip per image, then inverted on odd epochs
+                if self.first_flips is None:
+                    self.first_flips = choices[0]
+                flips = self.first_flips ^ (self.epoch % 2 == 1)
+                choices[0] = flips if order is None else flips[order]    # in the order of the batches
+            choices = [t.to(self.device, non_blocking=True) for t in choices]
         if order is not None:
             order = order.to(self.device, non_blocking=True)
+        self.epoch += 1
         for start in range(0, n, bs):
             idx = slice(start, start + bs) if order is None else order[start:start + bs]
             x, y = self.images[idx], self.labels[idx]
@@ -349,6 +363,7 @@ class Recipe:
     decay_norms: bool = True      # weight decay on the norms' scale and shift too; False spares them
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
+    whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
     augment: Augment = field(default_factory=lambda: Augment(flip=0.5, crop_pad=0,
                                                              rotate_deg=10, rotate_p=0.1))
 
@@ -371,9 +386,9 @@ def recipe_for(norm):
     return replace(Recipe(), **NORM_RECIPES.get(norm, {}))
 
 
-# Recipe fields added after runs were recorded, with the value that reproduces the training of
+# Recipe (and Augment) fields added after runs were recorded, with the value that reproduces the training of
 # those older records (a new field's default keeps the old behaviour).
-ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05}
+ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False, "flip_alternate": False}
 
 
 def set_seed(seed):
@@ -423,6 +438,30 @@ def make_optimizer(model, recipe, steps_per_epoch):
         base_momentum=round(recipe.momentum - recipe.momentum_swing, 10),
         max_momentum=round(recipe.momentum + recipe.momentum_swing, 10))
     return opt, sched
+
+
+def first_conv(model):
+    """The first nn.Conv2d of model (C1's conv in Net)."""
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@torch.no_grad()
+def whiten_init(conv, images, n=2000, eps=5e-4):
+    """Start a conv's filters as a whitening of its input patches (Jordan's cifar10-airbench): for the
+    leading eigenvectors e_i of the covariance of the k x k patches of `images` (normalised, N,3,H,W),
+    filter pairs +e_i/sqrt(lambda_i) and -e_i/sqrt(lambda_i), so that the layer starts out passing the
+    images' strongest patterns, decorrelated and at equal scale, and the ReLU after it keeps both
+    signs. Filters beyond 2 x the 3*k*k patch dimensions keep their random init."""
+    if conv.groups != 1 or conv.in_channels != images.shape[1]:
+        raise ValueError(f"whiten_init needs a full conv over the {images.shape[1]} image channels, "
+                         f"got {conv}")
+    patches = F.unfold(images[:n].float(), conv.kernel_size)     # (n, 3*k*k, positions)
+    patches = patches.transpose(1, 2).flatten(0, 1)                # (n*positions, 3*k*k)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))   # ascending
+    m = min(conv.out_channels // 2, len(eigenvalues))
+    filters = eigenvectors[:, -m:].flip(1) / (eigenvalues[-m:].flip(0) + eps).sqrt()  # (3*k*k, m)
+    filters = torch.cat([filters, -filters], 1).T                  # (2m, 3*k*k)
+    conv.weight[:2 * m] = filters.reshape(2 * m, *conv.weight.shape[1:]).to(conv.weight)
 
 
 def _autocast(device):
@@ -475,7 +514,10 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     """Train for recipe.epochs with one tqdm bar over the epochs and one line per epoch.
 
     Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
-    learning rate at the end of the epoch, and the seconds the epoch took (training + test)."""
+    learning rate at the end of the epoch, and the seconds the epoch took (training + test).
+    With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images."""
+    if recipe.whiten_c1:
+        whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
     history = []
     bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", unit="epoch", disable=not progress,

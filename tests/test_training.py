@@ -423,3 +423,58 @@ def test_sweep_run_one_trains_and_records_the_run(cifar, capsys):
     assert 0 <= r["final"] <= 100 and r["seconds"] > 0
     printed = capsys.readouterr()
     assert "epoch  1" in printed.out + printed.err
+
+
+def test_whiten_init_decorrelates_the_first_layer(cifar):
+    train, _ = utils.make_loaders(cifar, utils.Recipe(augment=None), "cpu", seed=0, train_subset=1000,
+                                  test_subset=8)
+    utils.set_seed(0)
+    net = utils.Recipe(whiten_c1=True).make_model("bn")
+    conv = utils.first_conv(net)
+    assert conv is net.layers.C1.conv
+    random_init = conv.weight.detach().clone()
+    utils.whiten_init(conv, train.images)
+    m = conv.out_channels // 2
+    assert torch.equal(conv.weight[m:], -conv.weight[:m])           # each filter with its negative
+    with torch.no_grad():
+        out = nn.functional.conv2d(train.images, conv.weight[:m])     # (N, m, 30, 30): no padding
+    out = out.transpose(0, 1).flatten(1)                              # (m, N*30*30)
+    cov = torch.cov(out)
+    assert torch.allclose(cov.diagonal(), torch.ones(m), atol=0.05)    # unit variance ...
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 0.05       # ... and decorrelated
+    before = torch.cov(nn.functional.conv2d(train.images, random_init[:m]).transpose(0, 1).flatten(1))
+    assert (before - torch.diag(before.diagonal())).abs().max() > 0.1  # which a random init is not
+    # fit applies it when the recipe asks, and only then
+    for whiten in (True, False):
+        utils.set_seed(0)
+        net = utils.Recipe(whiten_c1=whiten).make_model("bn")
+        start = utils.first_conv(net).weight.detach().clone()
+        utils.fit(net, train, train, utils.Recipe(whiten_c1=whiten, epochs=1, lr=0.0), progress=False)
+        assert torch.allclose(utils.first_conv(net).weight, conv.weight if whiten else start)
+    with pytest.raises(ValueError, match="full conv"):
+        utils.whiten_init(nn.Conv2d(3, 3, 3, groups=3), train.images)
+
+
+def test_alternating_flip_shows_every_image_both_ways_in_turn():
+    n = 40
+    labels = torch.arange(n)
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, :, :16] = 200                      # bright left half: a flip moves it right
+    augment = utils.Augment(flip=0.5, crop_pad=0, flip_alternate=True)
+    loader = utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=16, shuffle=True,
+                          augment=augment, seed=0)
+
+    def flipped(loader):
+        """Per image (by label): whether one epoch of loader showed it mirrored."""
+        out = torch.zeros(n, dtype=torch.bool)
+        for x, y in loader:
+            out[y] = x[:, 0, 0, 0] < x[:, 0, 0, 31]
+        return out
+
+    first, second, third = flipped(loader), flipped(loader), flipped(loader)
+    assert 0 < first.sum() < n                       # drawn at random once ...
+    assert torch.equal(second, ~first)               # ... inverted in the next epoch ...
+    assert torch.equal(third, first)                 # ... and back
+    plain = utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=16, shuffle=True,
+                         augment=utils.Augment(flip=0.5, crop_pad=0), seed=0)
+    assert not torch.equal(flipped(plain), ~flipped(plain))    # independent draws are not inverses
