@@ -364,6 +364,9 @@ class Recipe:
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
+    precise_bn: bool = False      # before the last test, BatchNorm's running statistics become a plain
+                                  # average over one pass of the training data (torch's update_bn)
+                                  # instead of the moving average of the last few batches
     augment: Augment = field(default_factory=lambda: Augment(flip=0.5, crop_pad=0,
                                                              rotate_deg=10, rotate_p=0.1))
 
@@ -388,7 +391,8 @@ def recipe_for(norm):
 
 # Recipe (and Augment) fields added after runs were recorded, with the value that reproduces the training of
 # those older records (a new field's default keeps the old behaviour).
-ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False, "flip_alternate": False}
+ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
+                "precise_bn": False, "flip_alternate": False}
 
 
 def set_seed(seed):
@@ -515,7 +519,8 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
 
     Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
     learning rate at the end of the epoch, and the seconds the epoch took (training + test).
-    With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images."""
+    With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images;
+    with recipe.precise_bn BatchNorm's statistics are recomputed over train_loader before the last test."""
     if recipe.whiten_c1:
         whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
@@ -526,6 +531,8 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
                                             recipe.label_smoothing)
+        if recipe.precise_bn and epoch == recipe.epochs:
+            torch.optim.swa_utils.update_bn(train_loader, model)
         test_loss, test_acc = evaluate(model, test_loader)
         row = dict(epoch=epoch, train_loss=round(train_loss, 4), train_acc=round(train_acc, 2),
                    test_loss=round(test_loss, 4), test_acc=round(test_acc, 2),

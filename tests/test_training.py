@@ -478,3 +478,18 @@ def test_alternating_flip_shows_every_image_both_ways_in_turn():
     plain = utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=16, shuffle=True,
                          augment=utils.Augment(flip=0.5, crop_pad=0), seed=0)
     assert not torch.equal(flipped(plain), ~flipped(plain))    # independent draws are not inverses
+
+
+@pytest.mark.parametrize("precise_bn", [True, False])
+def test_precise_bn_averages_the_statistics_over_the_training_data(images, precise_bn):
+    recipe = utils.Recipe(epochs=1, lr=0.0, batch_size=5, augment=None, precise_bn=precise_bn)
+    loader = utils.Loader(images, torch.zeros(len(images), dtype=torch.int64), (0.5,) * 3, (0.25,) * 3,
+                          batch_size=5, shuffle=True, seed=0)
+    utils.set_seed(0)
+    net = recipe.make_model("bn")
+    utils.fit(net, loader, loader, recipe, progress=False)           # lr 0: the weights stay
+    with torch.no_grad():
+        c1 = net.layers.C1.conv(loader.images)                     # (20, 16, 32, 32)
+    data_mean = c1.mean(dim=(0, 2, 3))                             # 4 equal batches: the mean of their means
+    running = net.layers.C1.norm.running_mean
+    assert torch.allclose(running, data_mean, atol=1e-5) == precise_bn
