@@ -452,14 +452,17 @@ def first_conv(model):
 @torch.no_grad()
 def whiten_init(conv, images, n=2000, eps=5e-4):
     """Start a conv's filters as a whitening of its input patches (Jordan's cifar10-airbench): for the
-    leading eigenvectors e_i of the covariance of the k x k patches of `images` (normalised, N,3,H,W),
+    leading eigenvectors e_i of the covariance of the k x k patches of n of `images` (normalised, N,3,H,W),
     filter pairs +e_i/sqrt(lambda_i) and -e_i/sqrt(lambda_i), so that the layer starts out passing the
     images' strongest patterns, decorrelated and at equal scale, and the ReLU after it keeps both
     signs. Filters beyond 2 x the 3*k*k patch dimensions keep their random init."""
     if conv.groups != 1 or conv.in_channels != images.shape[1]:
         raise ValueError(f"whiten_init needs a full conv over the {images.shape[1]} image channels, "
                          f"got {conv}")
-    patches = F.unfold(images[:n].float(), conv.kernel_size)     # (n, 3*k*k, positions)
+    # n images evenly spread over the set: a data set stored class by class (the JPEG copy) would
+    # give its first n images from one class
+    sample = images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
+    patches = F.unfold(sample.float(), conv.kernel_size)           # (n, 3*k*k, positions)
     patches = patches.transpose(1, 2).flatten(0, 1)                # (n*positions, 3*k*k)
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))   # ascending
     m = min(conv.out_channels // 2, len(eigenvalues))
