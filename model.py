@@ -38,6 +38,9 @@ class Build:
     weight_standardization: bool = False   # each filter of a conv scaled to zero mean, unit variance
     linear_squeeze: bool = False  # c3 and c6 end at their norm (no ReLU, no dropout), as MobileNetV2's
                                   # linear bottlenecks: a ReLU in the squeezed space discards features
+    depthwise_norm: bool = False  # separable blocks as MobileNet v1's: depthwise 3x3 -> norm -> ReLU ->
+                                  # pointwise 1x1 -> norm -> ReLU, twice the nonlinear depth; False: the
+                                  # two convs compose into one linear map (Xception's choice)
 
 
 BUILDS = {
@@ -67,6 +70,11 @@ BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
 # The separable build with linear squeezes (c3, c6: conv -> norm, no ReLU): no extra parameters.
 # One BatchNorm trial (doc/trials.md).
 BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)
+# The separable build with MobileNet v1's blocks (a norm and ReLU between the depthwise and the
+# pointwise conv): 800 norm parameters more, paid for by C9 at 104 channels instead of 112;
+# 49,856 parameters. One BatchNorm trial (doc/trials.md).
+BUILDS["separable-dwnorm"] = replace(BUILDS["separable"], depthwise_norm=True,
+                                     widths=BUILDS["separable"].widths[:-1] + (104,))
 
 
 class StdConv2d(nn.Conv2d):
@@ -120,7 +128,7 @@ class ConvBlock(nn.Module):
     """conv (no bias) -> norm -> ReLU -> dropout (linear: conv -> norm), optionally with an additive skip."""
 
     def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
-                 separable=False, weight_standardization=False, linear=False):
+                 separable=False, weight_standardization=False, linear=False, depthwise_norm=False):
         super().__init__()
         # weight standardization for every conv that mixes channels, not for the depthwise 3x3
         # filters: at zero mean a 9-weight filter could only detect edges
@@ -128,9 +136,10 @@ class ConvBlock(nn.Module):
         if separable and kernel_size > 1:
             # A 3x3 filter per input channel, then a 1x1 mix: 9*c_in + c_in*c_out weights
             # instead of 9*c_in*c_out, so the same budget buys about 9x the width.
-            self.conv = nn.Sequential(
-                nn.Conv2d(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False),
-                mixing(c_in, c_out, 1, bias=False))
+            depthwise = [nn.Conv2d(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False)]
+            if depthwise_norm:      # MobileNet v1: the depthwise output is normalised and rectified too
+                depthwise += [make_norm(norm, c_in, groups, f"{name} (depthwise)"), nn.ReLU()]
+            self.conv = nn.Sequential(*depthwise, mixing(c_in, c_out, 1, bias=False))
         else:
             self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=False)
         self.norm = make_norm(norm, c_out, groups, name)
@@ -171,7 +180,8 @@ class Net(nn.Module):
         def block(name, c_in, kernel_size, padding):
             return ConvBlock(name, c_in, w[name], kernel_size, padding, norm, groups,
                              cfg.dropout, cfg.skips, name in cfg.separable, cfg.weight_standardization,
-                             linear=cfg.linear_squeeze and name in SQUEEZE_BLOCKS)
+                             linear=cfg.linear_squeeze and name in SQUEEZE_BLOCKS,
+                             depthwise_norm=cfg.depthwise_norm)
 
         tail = cfg.tail_padding
         self.layers = nn.Sequential(OrderedDict([

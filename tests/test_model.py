@@ -137,6 +137,26 @@ def test_linear_squeeze_ends_c3_and_c6_at_their_norm():
             assert isinstance(block.relu, nn.ReLU) and isinstance(block.drop, nn.Dropout)
 
 
+def test_depthwise_norm_rectifies_between_depthwise_and_pointwise():
+    net = Net("bn", build="separable-dwnorm").eval()
+    assert count_parameters(net) == 49856 < 50000
+    plain = Net("bn", build="separable").eval()
+    for name, block in net.layers.named_children():
+        if name in ("C3", "C4", "C5", "C7", "C8", "C9"):
+            dw, norm, relu, pw = block.conv
+            assert dw.groups == dw.in_channels == norm.num_features == pw.in_channels
+            assert isinstance(norm, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+            x = torch.randn(2, dw.in_channels, 8, 8)
+            with torch.no_grad():
+                assert torch.equal(block.conv(x), pw(relu(norm(dw(x)))))
+        elif hasattr(block, "conv"):
+            # the full 3x3 and 1x1 blocks are those of the separable build
+            assert type(block.conv) is type(getattr(plain.layers, name).conv)
+    # the depthwise norm is the network's norm: GroupNorm with the network's groups
+    gn = Net("gn", groups=8, build="separable-dwnorm")
+    assert isinstance(gn.layers.C7.conv[1], nn.GroupNorm) and gn.layers.C7.conv[1].num_groups == 8
+
+
 def test_weight_standardization_standardises_mixing_filters_only():
     """build="separable-ws": every conv that mixes channels uses its filters at zero mean and unit
     variance, so scaling and shifting a filter's raw weights changes nothing; the depthwise 3x3
