@@ -67,6 +67,10 @@ BUILDS["separable-wide16"] = replace(BUILDS["separable"], widths=(16, 32, 48, 80
 # The separable build with additive skips wherever a block keeps its input's shape (c3, C4, C5):
 # no extra parameters. One BatchNorm trial (doc/trials.md).
 BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
+# Both capacity moves at once: the wide16 widths with additive skips, which there fit around C4 and
+# C5 (80 -> 80 channels at 16x16; C8 and C9 shrink their maps): 49,488 parameters. One BatchNorm
+# trial (doc/trials.md).
+BUILDS["separable-wide16-skips"] = replace(BUILDS["separable-wide16"], skips=True)
 # The separable build with linear squeezes (c3, c6: conv -> norm, no ReLU): no extra parameters.
 # One BatchNorm trial (doc/trials.md).
 BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)

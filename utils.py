@@ -937,7 +937,7 @@ def _notebook_lines(path, prefix):
 
 def render_report(root="."):
     """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed, data statistics),
-    doc/trials.md and doc/comparison.png, from doc/results/ and the executed notebooks."""
+    doc/trials.md, doc/comparison.png and doc/bn_fit_vs_test.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORMS
@@ -946,6 +946,9 @@ def render_report(root="."):
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = [x for path in sorted(results_dir.glob("trials-*.jsonl")) for x in _read_jsonl(path)]
+    for r in records:
+        if r["norm"] == "bn":      # the norm still short of its target, with the most trials
+            plot_fit_vs_test(r, runs, TARGETS["bn"], path=root / "doc" / "bn_fit_vs_test.png")
     # earlier notebook runs, oldest first (doc/results/earlier/<n>-<label>/<norm>.json); one that
     # trained the current recipe is the current run itself
     current = {r["norm"]: r.get("recipe") for r in records}
@@ -1060,6 +1063,44 @@ def plot_comparison(histories, path=None):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_fit_vs_test(record, runs, target=None, path=None):
+    """Final train accuracy against final test accuracy of every full run of one norm through the
+    notebooks' code path on the notebook record's kind of machine: the notebook's recipe (its run and
+    seeds) and each recipe that changes it, labelled by the change. Where the points spread along
+    train accuracy and not along test accuracy, the changes moved how well the network fits its
+    training set and not how well it generalises."""
+    plt = _plt()
+    norm, own, epochs = record["norm"], machine(record), len(record["history"])
+    points = [(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm), x["train_final"], x["final"])
+              for x in runs if x.get("name") == "notebook" and x["norm"] == norm and "final" in x
+              and x.get("notebook_recipe") and machine(x) == own and len(x.get("history", ())) == epochs]
+    if not points:
+        raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    mine = [(a, b) for diff, a, b in points if not diff]
+    last = record["history"][-1]
+    mine.append((last["train_acc"], last["test_acc"]))
+    ax.plot(*zip(*mine), "o", ms=8, color="C0", label="the notebook's recipe (its run and seeds)")
+    changed = [(_describe(diff).replace(" → ", "→"), a, b) for diff, a, b in points if diff]
+    if changed:
+        ax.plot([a for _, a, _ in changed], [b for _, _, b in changed], "s", ms=6, color="C1",
+                label="a change to it (numbered, key on the right)")
+    # the labels are numbers with a key beside the axes: the runs crowd at similar accuracies
+    key = {label: i for i, label in enumerate(sorted({label for label, _, _ in changed}), 1)}
+    for label, a, b in changed:
+        ax.annotate(str(key[label]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.text(1.02, 1.0, "\n".join(f"{i:>2}  {label}" for label, i in key.items()), transform=ax.transAxes,
+            va="top", ha="left", fontsize=8, family="monospace")
+    if target is not None:
+        ax.axhline(target, color="C3", ls="--", lw=1, label=f"target {target:g}%")
+    ax.set(xlabel="final train accuracy (%, with augmentation and dropout)", ylabel="final test accuracy (%)",
+           title=f"{NORMS[norm]}: {epochs}-epoch runs on the {own}, train against test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _finish(fig, path)
 

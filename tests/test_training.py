@@ -1,6 +1,6 @@
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -137,6 +137,28 @@ def test_plots_write_files(tmp_path, images):
     utils.plot_norm_methods(path=tmp_path / "e.png")
     utils.show_augmentations(images[:4], utils.Recipe().augment, (0.5,) * 3, (0.25,) * 3, path=tmp_path / "f.png")
     assert all((tmp_path / f"{n}.png").stat().st_size > 1000 for n in "abcdef")
+
+
+def test_plot_fit_vs_test_takes_the_norms_runs_on_its_machine(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    recipe = asdict(utils.recipe_for("bn"))
+    history = [dict(epoch=e, train_acc=80.0 + e, test_acc=79.0 + e) for e in (1, 2)]
+    record = dict(norm="bn", recipe=recipe, history=history, device="CPU (2 threads)")
+
+    def run(norm="bn", device="CPU (2 threads)", epochs=2, **change):
+        return dict(name="notebook", norm=norm, seed=1, device=device, history=history[:epochs],
+                    notebook_recipe={**recipe, **change}, train_final=85.0, final=83.0)
+    runs = [run(lr=0.1), run(lr=0.1), run(batch_size=32), run(),
+            run(norm="gn", lr=0.2), run(device="NVIDIA H200", lr=0.3), run(epochs=1, lr=0.4)]
+    fig = utils.plot_fit_vs_test(record, runs, target=85.0, path=tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    key = ax.texts[-1].get_text().splitlines()       # the numbered changes, beside the axes
+    assert [line.split(None, 1)[1] for line in key] == ["batch_size 64→32", "lr 0.05→0.1"]
+    assert sorted(t.get_text() for t in ax.texts[:-1]) == ["1", "2", "2"]
+    with pytest.raises(ValueError, match="no 2-epoch notebook-path runs of 'bn' on the CPU"):
+        utils.plot_fit_vs_test(record, runs[4:])
 
 
 def test_readme_table_matches_results_files():
