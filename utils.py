@@ -1075,17 +1075,18 @@ def plot_fit_vs_test(record, runs, target=None, path=None):
     training set and not how well it generalises."""
     plt = _plt()
     norm, own, epochs = record["norm"], machine(record), len(record["history"])
-    points = [(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm), x["train_final"], x["final"])
+    points = [(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm), x["seed"], x["train_final"], x["final"])
               for x in runs if x.get("name") == "notebook" and x["norm"] == norm and "final" in x
               and x.get("notebook_recipe") and machine(x) == own and len(x.get("history", ())) == epochs]
     if not points:
         raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    mine = [(a, b) for diff, a, b in points if not diff]
+    # a sweep run of the notebook's own recipe and seed repeats the notebook run: drawn once (as tuning_table)
+    mine = [(a, b) for diff, seed, a, b in points if not diff and seed != record.get("seed", 1)]
     last = record["history"][-1]
     mine.append((last["train_acc"], last["test_acc"]))
     ax.plot(*zip(*mine), "o", ms=8, color="C0", label="the notebook's recipe (its run and seeds)")
-    changed = [(_describe(diff).replace(" → ", "→"), a, b) for diff, a, b in points if diff]
+    changed = [(_describe(diff).replace(" → ", "→"), a, b) for diff, _, a, b in points if diff]
     if changed:
         ax.plot([a for _, a, _ in changed], [b for _, _, b in changed], "s", ms=6, color="C1",
                 label="a change to it (numbered, key on the right)")

@@ -149,16 +149,18 @@ def test_plot_fit_vs_test_takes_the_norms_runs_on_its_machine(tmp_path):
     def run(norm="bn", device="CPU (2 threads)", epochs=2, **change):
         return dict(name="notebook", norm=norm, seed=1, device=device, history=history[:epochs],
                     notebook_recipe={**recipe, **change}, train_final=85.0, final=83.0)
-    runs = [run(lr=0.1), run(lr=0.1), run(batch_size=32), run(),
+    runs = [run(lr=0.1), run(lr=0.1), run(batch_size=32), run(), dict(run(), seed=2),
             run(norm="gn", lr=0.2), run(device="NVIDIA H200", lr=0.3), run(epochs=1, lr=0.4)]
     fig = utils.plot_fit_vs_test(record, runs, target=85.0, path=tmp_path / "fit.png")
     assert (tmp_path / "fit.png").stat().st_size > 1000
     ax = fig.axes[0]
+    # the notebook's recipe: the record and seed 2; the sweep's repeat of seed 1 is not drawn again
+    assert sorted(ax.lines[0].get_xdata()) == [82.0, 85.0]
     key = ax.texts[-1].get_text().splitlines()       # the numbered changes, beside the axes
     assert [line.split(None, 1)[1] for line in key] == ["batch_size 64→32", "lr 0.05→0.1"]
     assert sorted(t.get_text() for t in ax.texts[:-1]) == ["1", "2", "2"]
     with pytest.raises(ValueError, match="no 2-epoch notebook-path runs of 'bn' on the CPU"):
-        utils.plot_fit_vs_test(record, runs[4:])
+        utils.plot_fit_vs_test(record, runs[5:])
 
 
 def test_readme_table_matches_results_files():
