@@ -209,6 +209,10 @@ def test_effect_table_names_what_each_run_changed():
     g4, g8 = record(0, groups=4)["recipe"], record(0, groups=8)["recipe"]
     assert utils.recipe_changes(g4, g8, "gn") == "groups 4 → 8"
     assert utils.recipe_changes(g4, g8, "bn") == "nothing"
+    # a run longer than the course allows is labelled a diagnostic wherever its change is named
+    longer, shorter = (record(0, epochs=e)["recipe"] for e in (utils.MAX_EPOCHS + 10, utils.MAX_EPOCHS - 16))
+    assert utils.recipe_changes(record(0)["recipe"], longer) == "epochs 20 → 30 (beyond the 20-epoch limit: a diagnostic)"
+    assert utils.recipe_changes(record(0)["recipe"], shorter) == "epochs 20 → 4"
 
 
 def test_seed_runs_of_other_norms_ignore_the_group_count():
