@@ -840,10 +840,9 @@ def trials_table(runs, records=()):
                 changes["groups"] = x["groups"]
             return ", ".join(f"{k}={v}" for k, v in changes.items())
         if "notebook_recipe" in x and x["norm"] in current:
-            diff = [f"{k} {a} → {b}" for k, a, b in
-                    _recipe_diff(current[x["norm"]].get("recipe"), x["notebook_recipe"], x["norm"])
-                    if k != "build"]                # the build has its own column
-            return ", ".join(["the notebooks' recipe"] + diff)
+            diff = _describe([d for d in _recipe_diff(current[x["norm"]].get("recipe"), x["notebook_recipe"], x["norm"])
+                              if d[0] != "build"])   # the build has its own column
+            return ", ".join(["the notebooks' recipe"] + ([diff] if diff else []))
         return "the notebooks' recipe" + (f", groups={x['groups']}" if x["norm"] == "gn" else "")
 
     rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout, separable blocks) | "
