@@ -704,6 +704,11 @@ def _recipe_diff(old, new, norm=None):
     return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
 
 
+def _signed(points):
+    """A difference in points with its sign, e.g. "+0.26"; one that rounds to nothing reads "+0.00", not "-0.00"."""
+    return f"{round(float(points), 2) + 0.0:+.2f}"
+
+
 def _describe(diff):
     """A recipe diff as text, e.g. "batch_size 128 → 64, lr 0.05 → 0.1"; a run longer than the
     course allows says so, so that no table reads it as a candidate recipe."""
@@ -770,8 +775,8 @@ def targets_table(records, runs, targets=TARGETS):
         else:
             missing = [str(k) for k in (2, 3) if k not in accs]
             met = f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
-        means = f"{mean:.2f}% | {mean - target:+.2f}" if len(accs) > 1 else "- | -"
-        rows.append(f"| {NORMS[r['norm']]} | {target:.1f}% | {run:.2f}% | {run - target:+.2f} | "
+        means = f"{mean:.2f}% | {_signed(mean - target)}" if len(accs) > 1 else "- | -"
+        rows.append(f"| {NORMS[r['norm']]} | {target:.1f}% | {run:.2f}% | {_signed(run - target)} | "
                     f"{', '.join(str(k) for k in sorted(accs))} | {means} | {met} |")
     return "\n".join(rows)
 
@@ -816,14 +821,14 @@ def effect_table(records, earlier, proxies):
         ref, sep = by_widths.get((norm, "ref")), by_widths.get((norm, "s1"))
         if ref and sep:
             rows.append(f"| {NORMS[norm]} | build reference → separable | {len(sep['history'])}-epoch CPU "
-                        f"proxy | {ref['final']:.2f}% | {sep['final']:.2f}% | **{sep['final'] - ref['final']:+.2f}** |")
+                        f"proxy | {ref['final']:.2f}% | {sep['final']:.2f}% | **{_signed(sep['final'] - ref['final'])}** |")
     for r in records:
         chain = [e for e in earlier if e["norm"] == r["norm"]] + [r]
         for a, b in zip(chain, chain[1:]):
             x, y = a["history"][-1]["test_acc"], b["history"][-1]["test_acc"]
             rows.append(f"| {NORMS[r['norm']]} | {recipe_changes(a.get('recipe'), b.get('recipe'), r['norm'])} | "
                         f"{len(b['history'])}-epoch notebook runs | {x:.2f}% ({a['device']}) | "
-                        f"{y:.2f}% ({b['device']}) | **{y - x:+.2f}** |")
+                        f"{y:.2f}% ({b['device']}) | **{_signed(y - x)}** |")
     return "\n".join(rows)
 
 
@@ -905,7 +910,7 @@ def tuning_table(runs, records, earlier=()):
                     delta = "no run of a recipe it changes"
                 else:
                     near = max(nearer, key=len)
-                    delta = f"**{np.mean(accs) - np.mean(measured[near]):+.2f}**"
+                    delta = f"**{_signed(np.mean(accs) - np.mean(measured[near]))}**"
                     if near:
                         delta += f" against {label(near)}"
                 rows.append(f"| {NORMS[r['norm']]} | {on} | {label(diff)} | {len(accs)} | "

@@ -369,6 +369,12 @@ def test_tuning_table_compares_each_change_on_its_own_machine_with_the_nearest_r
         "| GroupNorm | CPU | decay_norms False → True, lr 0.05 → 0.1 | 1 | 81.50% | **-1.50** against decay_norms False → True |",
         "| GroupNorm | GPU | decay_norms False → True | 2 | 85.00 ± 1.41% | no run of a recipe it changes |",
         "| GroupNorm | GPU | decay_norms False → True, lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** against decay_norms False → True |"]
+    # a change that lands level reads +0.00, though its mean is a hair below (83.745 against 83.7467)
+    level = [run(2, 83.55, "CPU (2 threads)"), run(3, 84.12, "CPU (2 threads)"),
+             run(2, 83.48, "CPU (2 threads)", lr=0.1), run(3, 84.01, "CPU (2 threads)", lr=0.1)]
+    rows = utils.tuning_table(level, [dict(record, history=[dict(test_acc=83.57)])]).splitlines()[2:]
+    assert rows[1] == "| GroupNorm | CPU | lr 0.05 → 0.1 | 2 | 83.75 ± 0.37% | **+0.00** |"
+    assert utils._signed(-0.26) == "-0.26" and utils._signed(0.004) == "+0.00"
 
 
 
