@@ -918,6 +918,27 @@ def tuning_table(runs, records, earlier=()):
     return "\n".join(rows)
 
 
+def jpeg_table(records, runs):
+    """The data diagnostic (benchmarks/jpeg_quality.py): each notebook run on the JPEG copy as it is,
+    then the runs of that same recipe, seed and kind of machine on the copy re-encoded at a lower
+    quality, which differ from it only in the pixels."""
+    rows = ["| norm | data | JPEG quality | mean change per pixel | final train acc | final test acc | change |",
+            "|---|---|---|---|---|---|---|"]
+    for r in records:
+        same = [x for x in runs if x.get("norm") == r["norm"] and "final" in x and x.get("seed") == r["seed"]
+                and machine(x) == machine(r) and _same_notebook_recipe(x, r)]
+        if not same:
+            continue
+        last = r["history"][-1]
+        rows.append(f"| {NORMS[r['norm']]} | the copy as it is (the notebook's run) | 75 | - | "
+                    f"{last['train_acc']:.2f}% | {last['test_acc']:.2f}% | - |")
+        for x in sorted(same, key=lambda x: -x["jpeg_quality"]):
+            rows.append(f"| {NORMS[r['norm']]} | the copy re-encoded | {x['jpeg_quality']} | "
+                        f"{x['mean_abs_change']:.2f} levels of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | "
+                        f"**{_signed(x['final'] - last['test_acc'])}** |")
+    return "\n".join(rows)
+
+
 def speed_table(records):
     """benchmarks/speed.py results, one row per machine; records from before a column existed
     show "-" there (their build was the reference one)."""
@@ -945,8 +966,9 @@ def _notebook_lines(path, prefix):
 
 
 def render_report(root="."):
-    """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed, data statistics),
-    doc/trials.md, doc/comparison.png and doc/bn_fit_vs_test.png, from doc/results/ and the executed notebooks."""
+    """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed,
+    data statistics, JPEG quality), doc/trials.md, doc/comparison.png and doc/bn_fit_vs_test.png,
+    from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORMS
@@ -992,6 +1014,7 @@ def render_report(root="."):
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
+    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl")))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     (root / "README.md").write_text(text)
 

@@ -143,3 +143,43 @@ def test_real_data_set(cifar):
     start = time.perf_counter()
     utils.load_cifar10(os.environ["S8_DATA"], data_dir=utils.Path(__file__).parent.parent / "data")
     assert time.perf_counter() - start < 1.0
+
+
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package; its scripts import each other)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    folder = Path(__file__).parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path):
+    """benchmarks/jpeg_quality.py's re-encoded copy reads back in the source's order with its labels
+    (so a run on it draws the same batches), and a lower quality moves the pixels further."""
+    jpeg_quality = load_benchmark("jpeg_quality")
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(40, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    images = (smooth * 255).round().to(torch.uint8)           # natural-ish images: JPEG's case
+    train_labels, test_labels = torch.arange(30) // 3, torch.arange(10)     # grouped by class, as loaded
+    source = utils.CIFAR10(images[:30], train_labels, images[30:], test_labels, utils.CLASSES, "test")
+    change = {}
+    for q in (95, 25):
+        copy = jpeg_quality.write_jpeg_copy(source, tmp_path / f"q{q}.tar.gz", q)
+        data = utils.load_cifar10(copy, data_dir=tmp_path / f"data{q}")
+        assert torch.equal(data.train_labels, source.train_labels)
+        assert torch.equal(data.test_labels, source.test_labels)
+        change[q] = (data.train_images.float() - source.train_images.float()).abs().mean().item()
+        # the same images in the same order: each much nearer its source than its neighbour's
+        shifted = (data.train_images.float() - source.train_images.roll(1, 0).float()).abs().mean().item()
+        assert change[q] < shifted / 3, (q, change[q], shifted)
+    assert 0 < change[95] < change[25]
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)

@@ -527,3 +527,24 @@ def test_precise_bn_averages_the_statistics_over_the_training_data(images, preci
     data_mean = c1.mean(dim=(0, 2, 3))                             # 4 equal batches: the mean of their means
     running = net.layers.C1.norm.running_mean
     assert torch.allclose(running, data_mean, atol=1e-5) == precise_bn
+
+
+def test_jpeg_table_compares_only_the_notebook_runs_own_recipe_seed_and_machine():
+    """A re-encoded-data run counts against the notebook run only when nothing but the pixels differ."""
+    recipe = utils.recipe_dict(utils.recipe_for("bn"))
+    other = utils.recipe_dict(replace(utils.recipe_for("bn"), lr=0.1))
+    record = dict(norm="bn", seed=1, device="CPU (2 threads)", recipe=recipe,
+                  history=[dict(train_acc=85.0, test_acc=83.5)])
+
+    def run(quality, final, seed=1, device="CPU (2 threads)", notebook_recipe=recipe):
+        return dict(name="notebook", norm="bn", seed=seed, device=device, notebook_recipe=notebook_recipe,
+                    final=final, train_final=84.0, jpeg_quality=quality, mean_abs_change=6.944)
+    runs = [run(25, 81.0), run(50, 83.25), run(50, 90.0, seed=2), run(50, 90.0, device="NVIDIA H200"),
+            run(50, 90.0, notebook_recipe=other), dict(run(10, 0.0), final=None) | {"error": "x"}]
+    del runs[-1]["final"]
+    rows = utils.jpeg_table([record], runs).splitlines()[2:]
+    assert rows == [
+        "| BatchNorm | the copy as it is (the notebook's run) | 75 | - | 85.00% | 83.50% | - |",
+        "| BatchNorm | the copy re-encoded | 50 | 6.94 levels of 255 | 84.00% | 83.25% | **-0.25** |",
+        "| BatchNorm | the copy re-encoded | 25 | 6.94 levels of 255 | 84.00% | 81.00% | **-2.50** |"]
+    assert len(utils.jpeg_table([record], runs[2:]).splitlines()) == 2      # nothing comparable: no rows

@@ -1,0 +1,84 @@
+"""What does JPEG compression cost the notebooks' recipe? A diagnostic of the data, not a trial.
+
+The only CIFAR-10 copy on the development machines stores every image as a JPEG at quality 75
+with 4:2:0 chroma subsampling (../shared/data/README.md); the original files are not reachable.
+The loss from the original pixels to that copy cannot be measured here, but the next step down
+can: this script re-encodes the copy (train and test images alike) at a lower quality, writes it
+as an ImageFolder .tar.gz under data/ (git-ignored), and trains a notebook's recipe on it through
+benchmarks/sweep.py, with the seed of the notebook's own run. The images keep their order, so the
+run draws the same batches, flips and dropout masks as the notebook and differs only in pixels.
+
+JPEG's quality q scales its quantization steps by 50/q (q <= 50) or (100 - q)/50 (q > 50):
+quality 75 quantizes with half the base steps, 50 with the base steps, 25 with twice them.
+
+    python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50 \\
+        --out doc/results/jpeg-quality.jsonl
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch  # noqa: E402
+from torchvision.io import encode_jpeg  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import utils  # noqa: E402
+from sweep import notebook_runs, run_one  # noqa: E402
+
+
+def write_jpeg_copy(data, path, quality):
+    """Write `data` (a utils.CIFAR10) as an ImageFolder .tar.gz, every image a JPEG at `quality`
+    (torchvision's encoder: libjpeg, 4:2:0 chroma subsampling). Files are named by their index within
+    their class, so utils.load_cifar10 reads them back in `data`'s order where `data` is grouped by class,
+    as every ImageFolder copy loads (torchvision's pickles are not: their copy comes back sorted by class)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for split in ("train", "test"):
+            images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+            seen = [0] * len(data.classes)
+            for img, label in zip(tqdm(images, desc=f"encoding {split} at quality {quality}",
+                                       mininterval=5, ascii=True), labels.tolist()):
+                jpeg = encode_jpeg(img, quality=quality).numpy().tobytes()
+                member = tarfile.TarInfo(f"{split}/{data.classes[label]}/{seen[label]:05d}.jpg")
+                member.size = len(jpeg)
+                tar.addfile(member, io.BytesIO(jpeg))
+                seen[label] += 1
+    tmp.replace(path)       # a cut-off run leaves no half-written archive behind
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="the CIFAR-10 copy to re-encode (see utils.load_cifar10)")
+    p.add_argument("--quality", type=int, required=True, help="JPEG quality of the re-encoded copy (1-100)")
+    p.add_argument("--out", required=True, help="JSON-lines file the run's record is appended to")
+    p.add_argument("--norm", default="bn", choices=sorted(utils.NORMS))
+    p.add_argument("--seed", type=int, default=1, help="1: the notebook's own run")
+    a = p.parse_args()
+    source = utils.load_cifar10(a.data)
+    copy = write_jpeg_copy(source, Path("data") / f"cifar10-reencoded-q{a.quality}.tar.gz", a.quality)
+    reencoded = utils.load_cifar10(copy)
+    change = (reencoded.train_images.float() - source.train_images.float()).abs().mean().item()
+    print(f"{copy}: {copy.stat().st_size / 2**20:.1f} MiB, mean absolute change {change:.2f} levels", flush=True)
+    spec, = notebook_runs([a.seed], (a.norm,))
+    start = time.time()
+    record = run_one(spec, str(copy), utils.pick_device(), threads=os.cpu_count() or 1, progress=True)
+    record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {a.quality}",
+                  jpeg_quality=a.quality, mean_abs_change=round(change, 3))
+    with open(a.out, "a") as out:
+        out.write(json.dumps(record) + "\n")
+    print(a.norm, "seed", a.seed, "quality", a.quality, "->", record["final"], f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
