@@ -13,6 +13,9 @@ quality 75 quantizes with half the base steps, 50 with the base steps, 25 with t
 
     python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50 \\
         --out doc/results/jpeg-quality.jsonl
+    # the figure of README section 6: test images at the copy's quality, 50 and 25
+    python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50,25 \\
+        --figure doc/jpeg_quality.png
 """
 import argparse
 import io
@@ -25,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
-from torchvision.io import encode_jpeg  # noqa: E402
+from torchvision.io import decode_jpeg, encode_jpeg  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import utils  # noqa: E402
@@ -57,27 +60,57 @@ def write_jpeg_copy(data, path, quality):
     return path
 
 
+def reencode(images, quality):
+    """uint8 images (N, 3, H, W) through JPEG at `quality` and back, as write_jpeg_copy's copy holds them."""
+    return torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
+
+
+def plot_qualities(data, qualities, path, per_row=8):
+    """The same test images (one per class, the first 8 classes) as the copy holds them, then
+    re-encoded at each of `qualities`: one row each."""
+    first = [int((data.test_labels == c).nonzero()[0]) for c in range(per_row)]
+    images = data.test_images[first]
+    rows = [images] + [reencode(images, q) for q in qualities]
+    captions = [f"{data.classes[c]}, {name}" for name in ["copy"] + [f"q{q}" for q in qualities]
+                for c in range(per_row)]
+    return utils.show_images(torch.cat(rows), captions=captions, nrows=len(rows), ncols=per_row, path=path,
+                             title="The JPEG copy (quality 75), then re-encoded at lower qualities")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the CIFAR-10 copy to re-encode (see utils.load_cifar10)")
-    p.add_argument("--quality", type=int, required=True, help="JPEG quality of the re-encoded copy (1-100)")
-    p.add_argument("--out", required=True, help="JSON-lines file the run's record is appended to")
+    p.add_argument("--quality", required=True, help="JPEG quality of the re-encoded copy (1-100); "
+                   "with --figure, several, comma-separated")
+    p.add_argument("--out", help="JSON-lines file the run's record is appended to")
     p.add_argument("--norm", default="bn", choices=sorted(utils.NORMS))
     p.add_argument("--seed", type=int, default=1, help="1: the notebook's own run")
+    p.add_argument("--figure", default=None, metavar="PNG", help="only draw test images at the copy's and "
+                   "lower qualities (--quality, comma-separated) into PNG, and train nothing")
     a = p.parse_args()
+    try:
+        qualities = [int(q) for q in a.quality.split(",")]
+    except ValueError:
+        p.error(f"--quality {a.quality!r}: give whole numbers from 1 to 100, e.g. 50 (or 50,25 with --figure)")
+    if a.figure:
+        plot_qualities(utils.load_cifar10(a.data), qualities, a.figure)
+        return
+    if not a.out or len(qualities) != 1:
+        p.error("a training run needs --out and one --quality (several only with --figure)")
+    quality, = qualities
     source = utils.load_cifar10(a.data)
-    copy = write_jpeg_copy(source, Path("data") / f"cifar10-reencoded-q{a.quality}.tar.gz", a.quality)
+    copy = write_jpeg_copy(source, Path("data") / f"cifar10-reencoded-q{quality}.tar.gz", quality)
     reencoded = utils.load_cifar10(copy)
     change = (reencoded.train_images.float() - source.train_images.float()).abs().mean().item()
     print(f"{copy}: {copy.stat().st_size / 2**20:.1f} MiB, mean absolute change {change:.2f} levels", flush=True)
     spec, = notebook_runs([a.seed], (a.norm,))
     start = time.time()
     record = run_one(spec, str(copy), utils.pick_device(), threads=os.cpu_count() or 1, progress=True)
-    record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {a.quality}",
-                  jpeg_quality=a.quality, mean_abs_change=round(change, 3))
+    record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {quality}",
+                  jpeg_quality=quality, mean_abs_change=round(change, 3))
     with open(a.out, "a") as out:
         out.write(json.dumps(record) + "\n")
-    print(a.norm, "seed", a.seed, "quality", a.quality, "->", record["final"], f"({time.time() - start:.0f} s)")
+    print(a.norm, "seed", a.seed, "quality", quality, "->", record["final"], f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path):
         # the same images in the same order: each much nearer its source than its neighbour's
         shifted = (data.train_images.float() - source.train_images.roll(1, 0).float()).abs().mean().item()
         assert change[q] < shifted / 3, (q, change[q], shifted)
+        # the figure's re-encoding shows exactly what the training copy holds
+        assert torch.equal(jpeg_quality.reencode(source.train_images, q), data.train_images)
     assert 0 < change[95] < change[25]
     with pytest.raises(ValueError, match="quality"):
         jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)
