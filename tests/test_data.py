@@ -185,3 +185,15 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path):
     assert 0 < change[95] < change[25]
     with pytest.raises(ValueError, match="quality"):
         jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)
+
+
+def test_jpeg_copy_is_libjpeg_at_quality_75(cifar):
+    """Re-encoding the shared copy at its own quality all but reproduces it, while quality 50 moves it
+    by several levels: so the diagnostic's lower qualities measure JPEG's added loss, not an artefact
+    of encoding twice. (Only true for a quality-75 JPEG copy; other sources skip.)"""
+    if "jpeg" not in cifar.source:
+        pytest.skip(f"{cifar.source} is not the JPEG copy")
+    jpeg_quality = load_benchmark("jpeg_quality")
+    images = cifar.train_images[::50]
+    change = {q: (jpeg_quality.reencode(images, q).float() - images.float()).abs().mean().item() for q in (75, 50)}
+    assert change[75] < 0.5 and change[50] > 10 * change[75], change
