@@ -918,24 +918,28 @@ def tuning_table(runs, records, earlier=()):
     return "\n".join(rows)
 
 
-def jpeg_table(records, runs):
-    """The data diagnostic (benchmarks/jpeg_quality.py): each notebook run on the JPEG copy as it is,
-    then the runs of that same recipe, seed and kind of machine on the copy re-encoded at a lower
-    quality, which differ from it only in the pixels."""
-    rows = ["| norm | data | JPEG quality | mean change per pixel | final train acc | final test acc | change |",
-            "|---|---|---|---|---|---|---|"]
+def jpeg_table(records, jpeg_runs, runs=()):
+    """The data diagnostic (benchmarks/jpeg_quality.py): each run of a notebook's recipe on the copy
+    re-encoded at a lower JPEG quality, against the run of the same recipe, seed and kind of machine
+    on the copy as it is (the notebook's own run for seed 1, else a seed run from `runs`), from which
+    it differs only in the pixels; per quality with several seeds, the mean change."""
+    rows = ["| norm | JPEG quality | seed | mean change per pixel | final train acc | final test acc | "
+            "the copy, same seed | change |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        same = [x for x in runs if x.get("norm") == r["norm"] and "final" in x and x.get("seed") == r["seed"]
-                and machine(x) == machine(r) and _same_notebook_recipe(x, r)]
-        if not same:
-            continue
-        last = r["history"][-1]
-        rows.append(f"| {NORMS[r['norm']]} | the copy as it is (the notebook's run) | 75 | - | "
-                    f"{last['train_acc']:.2f}% | {last['test_acc']:.2f}% | - |")
-        for x in sorted(same, key=lambda x: -x["jpeg_quality"]):
-            rows.append(f"| {NORMS[r['norm']]} | the copy re-encoded | {x['jpeg_quality']} | "
-                        f"{x['mean_abs_change']:.2f} levels of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | "
-                        f"**{_signed(x['final'] - last['test_acc'])}** |")
+        on_copy = _seed_accuracies(r, runs)
+        same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
+                       and x.get("seed") in on_copy and machine(x) == machine(r) and _same_notebook_recipe(x, r)),
+                      key=lambda x: (-x["jpeg_quality"], x["seed"]))
+        for quality in dict.fromkeys(x["jpeg_quality"] for x in same):
+            changes = []
+            for x in (x for x in same if x["jpeg_quality"] == quality):
+                changes.append(x["final"] - on_copy[x["seed"]])
+                rows.append(f"| {NORMS[r['norm']]} | {quality} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
+                            f"of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | {on_copy[x['seed']]:.2f}% | "
+                            f"**{_signed(changes[-1])}** |")
+            if len(changes) > 1:
+                rows.append(f"| {NORMS[r['norm']]} | {quality} | mean of {len(changes)} | | | | | "
+                            f"**{_signed(np.mean(changes))}** |")
     return "\n".join(rows)
 
 
@@ -1014,7 +1018,7 @@ def render_report(root="."):
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
-    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl")))
+    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl"), runs))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     (root / "README.md").write_text(text)
 
