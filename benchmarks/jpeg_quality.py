@@ -5,8 +5,9 @@ with 4:2:0 chroma subsampling (../shared/data/README.md); the original files are
 The loss from the original pixels to that copy cannot be measured here, but the next step down
 can: this script re-encodes the copy (train and test images alike) at a lower quality, writes it
 as an ImageFolder .tar.gz under data/ (git-ignored), and trains a notebook's recipe on it through
-benchmarks/sweep.py, with the seed of the notebook's own run. The images keep their order, so the
-run draws the same batches, flips and dropout masks as the notebook and differs only in pixels.
+benchmarks/sweep.py, with the seed of the notebook's own run (or --seed 2, 3 for its seed runs). The
+images keep their order, so a run draws the same batches, flips and dropout masks as the run of
+that seed on the copy and differs from it only in the pixels.
 
 JPEG's quality q scales its quantization steps by 50/q (q <= 50) or (100 - q)/50 (q > 50):
 quality 75 quantizes with half the base steps, 50 with the base steps, 25 with twice them.
