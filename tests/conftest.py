@@ -32,3 +32,22 @@ def cifar():
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture
+def load_benchmark():
+    """A loader of benchmarks/ scripts as modules (benchmarks/ is not a package; its scripts import
+    each other, so the folder is on sys.path while one loads)."""
+    import importlib.util
+
+    def load(name):
+        folder = ROOT / "benchmarks"
+        sys.path.insert(0, str(folder))
+        try:
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(folder))
+        return module
+    return load

@@ -145,23 +145,7 @@ def test_real_data_set(cifar):
     assert time.perf_counter() - start < 1.0
 
 
-def load_benchmark(name):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package; its scripts import each other)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-    folder = Path(__file__).parent.parent / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
-
-
-def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path):
+def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path, load_benchmark):
     """benchmarks/jpeg_quality.py's re-encoded copy reads back in the source's order with its labels
     (so a run on it draws the same batches), and a lower quality moves the pixels further."""
     jpeg_quality = load_benchmark("jpeg_quality")
@@ -187,7 +171,7 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path):
         jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)
 
 
-def test_jpeg_copy_is_libjpeg_at_quality_75(cifar):
+def test_jpeg_copy_is_libjpeg_at_quality_75(cifar, load_benchmark):
     """Re-encoding the shared copy at its own quality all but reproduces it, while quality 50 moves it
     by several levels: so the diagnostic's lower qualities measure JPEG's added loss, not an artefact
     of encoding twice. (Only true for a quality-75 JPEG copy; other sources skip.)"""

@@ -397,20 +397,10 @@ def test_tuning_table_counts_earlier_notebook_runs_once_per_seed():
     assert rows[1].endswith("| 2 | 81.50 ± 0.71% | **-2.50** |")
 
 
-def load_sweep():
-    """benchmarks/sweep.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parent.parent / "benchmarks" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    return sweep
-
-
-def test_sweep_grids_build_and_record_what_they_train():
+def test_sweep_grids_build_and_record_what_they_train(load_benchmark):
     """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
     run records exactly the recipe it will train (its changes and nothing else)."""
-    sweep = load_sweep()
+    sweep = load_benchmark("sweep")
     (run,) = sweep.notebook_runs([2], ("ln",), lr=0.1, crop_pad=2)
     recipe = utils.recipe_from_dict(run["notebook_recipe"])
     ln = utils.recipe_for("ln")
@@ -422,10 +412,10 @@ def test_sweep_grids_build_and_record_what_they_train():
         assert recipe.epochs == 20 and recipe.batch_size == 64, s
 
 
-def test_sweep_change_takes_the_fields_type():
+def test_sweep_change_takes_the_fields_type(load_benchmark):
     """--change values become what the field holds: "False" for a bool is False (a string would be
     true and train the unchanged recipe), and an unknown field or bad value fails before training."""
-    sweep = load_sweep()
+    sweep = load_benchmark("sweep")
     assert sweep.parse_change("decay_norms=False") == ("decay_norms", False)
     assert sweep.parse_change("nesterov=true") == ("nesterov", True)
     assert sweep.parse_change("lr=0.1") == ("lr", 0.1)
@@ -443,11 +433,11 @@ def test_sweep_change_takes_the_fields_type():
         sweep.parse_change("epochs=2.5")
 
 
-def test_sweep_run_one_trains_and_records_the_run(cifar, capsys):
+def test_sweep_run_one_trains_and_records_the_run(cifar, capsys, load_benchmark):
     """One sweep run through the notebooks' code path (smoke mode: 1 epoch on 512 real images):
     its record carries the spec, the model's parameter count and a one-epoch history whose final
     accuracy is the record's; with progress on, the epoch line is printed."""
-    sweep = load_sweep()
+    sweep = load_benchmark("sweep")
     (spec,) = sweep.notebook_runs([1], ("gn",), build="separable-wide16")
     data_path = os.environ["S8_DATA"]
     r = sweep.run_one(spec, data_path, torch.device("cpu"), threads=1, smoke=True, progress=True)
