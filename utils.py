@@ -362,9 +362,13 @@ class Recipe:
     nesterov: bool = True
     weight_decay: float = 5e-4
     decay_norms: bool = True      # weight decay on the norms' scale and shift too; False spares them
+    decay_depthwise: bool = True  # weight decay on the depthwise 3x3 filters of separable blocks too;
+                                  # False spares them (MobileNet's advice: they hold 9 weights each)
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
+    ema: float = 0.0              # per-step decay of a moving average of the weights (and BatchNorm's
+                                  # statistics) that the model takes before the last test; 0: none
     precise_bn: bool = False      # before the last test, BatchNorm's running statistics become a plain
                                   # average over one pass of the training data (torch's update_bn)
                                   # instead of the moving average of the last few batches
@@ -393,7 +397,7 @@ def recipe_for(norm):
 # Recipe (and Augment) fields added after runs were recorded, with the value that reproduces the training of
 # those older records (a new field's default keeps the old behaviour).
 ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
-                "precise_bn": False, "flip_alternate": False}
+                "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0}
 
 
 def set_seed(seed):
@@ -421,16 +425,24 @@ def device_name(device):
     return device.type
 
 
+def is_depthwise(module):
+    """Whether module is a depthwise conv: one filter per input channel (a separable block's 3x3)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def make_optimizer(model, recipe, steps_per_epoch):
     """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch;
     momentum moves against the lr within recipe.momentum +- recipe.momentum_swing (0: constant).
-    With recipe.decay_norms False the norms' affine scale and shift train without weight decay."""
+    With recipe.decay_norms False the norms' affine scale and shift train without weight decay, with
+    recipe.decay_depthwise False the depthwise convs' filters."""
     params = list(model.parameters())
-    if not recipe.decay_norms:
-        norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS)
-                       for p in m.parameters(recurse=False)}
-        params = [dict(params=[p for p in params if id(p) not in norm_params]),
-                  dict(params=[p for p in params if id(p) in norm_params], weight_decay=0.0)]
+    spared = {id(p) for m in model.modules()
+              if (not recipe.decay_norms and isinstance(m, NORM_LAYERS))
+              or (not recipe.decay_depthwise and is_depthwise(m))
+              for p in m.parameters(recurse=False)}
+    if spared:
+        params = [dict(params=[p for p in params if id(p) not in spared]),
+                  dict(params=[p for p in params if id(p) in spared], weight_decay=0.0)]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     # One step more than the batches, so that the step after the last batch stays inside the
@@ -477,8 +489,9 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0):
-    """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync."""
+def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
+    """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
+    `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
     model.train()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
@@ -493,6 +506,8 @@ def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0):
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         loss_sum += loss.detach() * len(y)
         correct += (log_probs.argmax(1) == y).sum()
     n = len(loader.labels)
@@ -524,17 +539,24 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
     learning rate at the end of the epoch, and the seconds the epoch took (training + test).
     With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images;
-    with recipe.precise_bn BatchNorm's statistics are recomputed over train_loader before the last test."""
+    with recipe.ema the model takes the moving average of its weights and BatchNorm statistics before the
+    last test; with recipe.precise_bn BatchNorm's statistics are then recomputed over train_loader."""
     if recipe.whiten_c1:
         whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
+    averaged = None if not recipe.ema else torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
+    if averaged is not None:
+        averaged.update_parameters(model)   # the average starts at the initial weights, not the first step's
     history = []
     bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
                mininterval=0, ascii=True, dynamic_ncols=False, ncols=100)
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
-                                            recipe.label_smoothing)
+                                            recipe.label_smoothing, averaged)
+        if averaged is not None and epoch == recipe.epochs:
+            model.load_state_dict(averaged.module.state_dict())
         if recipe.precise_bn and epoch == recipe.epochs:
             torch.optim.swa_utils.update_bn(train_loader, model)
         test_loss, test_acc = evaluate(model, test_loader)

@@ -258,23 +258,61 @@ def test_momentum_follows_the_recipe(swing):
         assert set(seen) == {0.9}
 
 
+def decayed_parameters(model, recipe):
+    """(names of model's parameters, names of those one optimizer step with zero gradients moved):
+    such a step moves weights by weight decay alone."""
+    optimizer, _ = utils.make_optimizer(model, recipe, steps_per_epoch=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return set(before), {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 @pytest.mark.parametrize("decay_norms", [True, False])
 def test_decay_norms_false_spares_the_norm_parameters_only(norm, decay_norms):
     recipe = replace(utils.Recipe(), decay_norms=decay_norms, groups=4, build="reference")
     model = recipe.make_model(norm)
-    optimizer, _ = utils.make_optimizer(model, recipe, steps_per_epoch=1)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)         # a step with zero gradients moves weights by decay alone
-    optimizer.step()
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    before, moved = decayed_parameters(model, recipe)
     norm_scales = {n for n in before if n.endswith(".norm.weight")}
     convs = {n for n in before if ".norm." not in n}
     assert len(norm_scales) == 10 and len(convs) == 11     # C1..C9 with their norms, and c10
     assert convs <= moved
     assert (norm_scales <= moved) == decay_norms
     assert moved <= convs | norm_scales      # the shifts start at zero, where decay does nothing
+
+
+@pytest.mark.parametrize("decay_depthwise", [True, False])
+def test_decay_depthwise_false_spares_the_depthwise_filters_only(decay_depthwise):
+    recipe = replace(utils.Recipe(), decay_depthwise=decay_depthwise)      # the separable build
+    model = recipe.make_model("bn")
+    before, moved = decayed_parameters(model, recipe)
+    depthwise = {n for n in before if n.endswith("conv.0.weight")}   # Sequential(depthwise, pointwise)
+    assert len(depthwise) == 6                                      # C3 C4 C5 C7 C8 C9
+    assert all(utils.is_depthwise(model.get_submodule(n[:-len(".weight")])) for n in depthwise)
+    assert (depthwise <= moved) == decay_depthwise
+    assert (moved & depthwise == set()) != decay_depthwise
+    assert {n for n in before if n.endswith("conv.1.weight")} <= moved    # the pointwise convs keep theirs
+
+
+def test_ema_gives_the_model_its_averaged_weights_before_the_last_test(images):
+    """With a decay this close to 1 the average barely leaves the initial weights, so the trained
+    model must end where it started, and its last test must be that model's."""
+    labels = torch.arange(len(images)) % 10
+    loader = utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=5, shuffle=True, seed=0)
+    ends = {}
+    for ema in (0.0, 1 - 1e-9):
+        recipe = utils.Recipe(epochs=2, lr=0.5, batch_size=5, augment=None, ema=ema)
+        utils.set_seed(0)
+        net = recipe.make_model("bn")
+        start = [p.detach().clone() for p in net.parameters()]
+        history = utils.fit(net, loader, loader, recipe, progress=False)
+        moved = max((p - s).abs().max().item() for p, s in zip(net.parameters(), start))
+        ends[ema] = moved
+        assert history[-1]["test_loss"] == round(utils.evaluate(net, loader)[0], 4)
+    assert ends[0.0] > 1e-2                   # plain training moves the weights ...
+    assert ends[1 - 1e-9] < 1e-6              # ... the near-frozen average does not
 
 
 def test_targets_table_needs_the_notebook_run_and_a_three_seed_mean():
