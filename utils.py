@@ -544,9 +544,10 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     if recipe.whiten_c1:
         whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
-    averaged = None if not recipe.ema else torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
-    if averaged is not None:
+    averaged = None
+    if recipe.ema:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
         averaged.update_parameters(model)   # the average starts at the initial weights, not the first step's
     history = []
     bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", unit="epoch", disable=not progress,
