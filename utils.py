@@ -5,6 +5,7 @@ Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training
 plots. Every notebook calls these; nothing here is notebook-specific.
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -430,11 +431,10 @@ def is_depthwise(module):
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
-def make_optimizer(model, recipe, steps_per_epoch):
-    """SGD (Nesterov momentum, weight decay) with a one-cycle learning rate stepped per batch;
-    momentum moves against the lr within recipe.momentum +- recipe.momentum_swing (0: constant).
-    With recipe.decay_norms False the norms' affine scale and shift train without weight decay, with
-    recipe.decay_depthwise False the depthwise convs' filters."""
+def make_sgd(model, recipe, lr):
+    """The recipe's SGD (Nesterov momentum, weight decay) at a constant lr. With recipe.decay_norms
+    False the norms' affine scale and shift train without weight decay, with recipe.decay_depthwise
+    False the depthwise convs' filters."""
     params = list(model.parameters())
     spared = {id(p) for m in model.modules()
               if (not recipe.decay_norms and isinstance(m, NORM_LAYERS))
@@ -443,8 +443,14 @@ def make_optimizer(model, recipe, steps_per_epoch):
     if spared:
         params = [dict(params=[p for p in params if id(p) not in spared]),
                   dict(params=[p for p in params if id(p) in spared], weight_decay=0.0)]
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+
+
+def make_optimizer(model, recipe, steps_per_epoch):
+    """make_sgd with a one-cycle learning rate stepped per batch, peaking at recipe.lr; momentum
+    moves against the lr within recipe.momentum +- recipe.momentum_swing (0: constant)."""
+    opt = make_sgd(model, recipe, recipe.lr)
     # One step more than the batches, so that the step after the last batch stays inside the
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -489,6 +495,18 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
+def train_step(model, x, y, optimizer, label_smoothing=0.0):
+    """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached."""
+    with _autocast(x.device):
+        log_probs = model(x)
+    loss = F.nll_loss(log_probs.float(), y) if label_smoothing == 0 else \
+        F.cross_entropy(log_probs.float(), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, log_probs
+
+
 def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
     """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
     `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
@@ -497,13 +515,7 @@ def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, a
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader:
-        with _autocast(device):
-            log_probs = model(x)
-        loss = F.nll_loss(log_probs.float(), y) if label_smoothing == 0 else \
-            F.cross_entropy(log_probs.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing)
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
@@ -572,6 +584,80 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
                        f"test loss {test_loss:.3f} acc {test_acc:5.2f}%  lr {row['lr']:.4f}  "
                        f"{row['seconds']:.1f}s")
     return history
+
+
+def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=3.0, steps=300, stop_factor=4.0,
+                  smoothing=0.98, progress=True):
+    """Leslie Smith's learning-rate range test: train model (its weights change: pass a fresh one)
+    with the recipe's SGD for up to `steps` batches of loader, the lr growing geometrically from
+    lr_min to lr_max (torch's ExponentialLR), and record each step's training loss. It stops once
+    the smoothed loss exceeds stop_factor x its minimum: the lr has grown past what the net can take.
+
+    Returns dict(lr, loss, smoothed) per step, and two readings of the curve: lr_at_min, where the
+    smoothed loss is lowest, and lr_steepest, where it falls fastest per decade of lr. A one-cycle
+    peak is usually chosen between the two: high enough to move fast, below the point of blow-up."""
+    if not 0 < lr_min < lr_max:
+        raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
+    if steps < 3:
+        raise ValueError(f"steps={steps}: the test needs at least 3 steps to read a slope")
+    optimizer = make_sgd(model, recipe, lr_min)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(lr_max / lr_min) ** (1 / (steps - 1)))
+    model.train()
+    lrs, losses, smoothed = [], [], []
+    average, lowest = 0.0, math.inf
+    batches = (batch for _ in itertools.count() for batch in loader)   # the loader's epochs, one after another
+    bar = tqdm(total=steps, desc="lr range test", unit="step", disable=not progress,
+               ascii=True, dynamic_ncols=False, ncols=100)
+    for step, (x, y) in zip(range(steps), batches):
+        lrs.append(scheduler.get_last_lr()[0])
+        loss, _ = train_step(model, x, y, optimizer, recipe.label_smoothing)
+        scheduler.step()
+        losses.append(loss.item())
+        # an exponential moving average, debiased for its zero start (as fastai's finder does)
+        average = smoothing * average + (1 - smoothing) * losses[-1]
+        smoothed.append(average / (1 - smoothing ** (step + 1)))
+        bar.update()
+        bar.set_postfix(lr=f"{lrs[-1]:.3g}", loss=f"{smoothed[-1]:.3f}")
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * lowest:
+            break
+        lowest = min(lowest, smoothed[-1])
+    bar.close()
+    lr_at_min, lr_steepest = read_lr_range(lrs, smoothed, span=round(1 / (1 - smoothing)))
+    return dict(lr=lrs, loss=losses, smoothed=smoothed, lr_at_min=lr_at_min, lr_steepest=lr_steepest,
+                stopped_early=len(lrs) < steps)
+
+
+def read_lr_range(lrs, smoothed, span):
+    """(lr of the lowest smoothed loss, lr of its steepest fall per unit of log10(lr) before that).
+    The first `span` steps, which a moving average of that span has not yet settled over, are left out
+    of the slope (at most half the steps before the minimum)."""
+    finite = np.nan_to_num(np.array(smoothed, dtype=float), nan=np.inf)
+    at_min = int(np.argmin(finite))
+    skip = min(span, at_min // 2)
+    if at_min - skip < 2:                   # too few points to read a slope from
+        return lrs[at_min], lrs[skip]
+    slope = np.gradient(finite[skip:at_min + 1], np.log10(lrs[skip:at_min + 1]))
+    return lrs[at_min], lrs[skip + int(np.argmin(slope))]
+
+
+def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, lr_max=10.0,
+                    train_subset=None, progress=True):
+    """lr_range_test of a fresh network of `recipe` and `norm`, seeded with `seed`, on its own train
+    loader (a notebook's loaders and global RNG are left as they were, so its training run is the
+    same with or without this test). Returns the test's result with what it ran: the record that
+    benchmarks/lr_range.py writes and plot_lr_range / lr_range_table read."""
+    train_loader, _ = make_loaders(data, recipe, device, seed=seed, train_subset=train_subset, test_subset=1)
+    rng = torch.get_rng_state()
+    set_seed(seed)
+    net = recipe.make_model(norm).to(device)
+    start = time.perf_counter()
+    result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
+                           progress=progress)
+    torch.set_rng_state(rng)
+    return dict(norm=norm, build=recipe.build, params=sum(p.numel() for p in net.parameters()),
+                recipe_lr=recipe.lr, batch_size=recipe.batch_size, lr_min=lr_min, lr_max=lr_max, steps=steps,
+                seed=seed, device=device_name(device), data=data.source,
+                seconds=round(time.perf_counter() - start, 1), **result)
 
 
 def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
@@ -649,8 +735,13 @@ def save_results(path, norm, params, device, data, seed, history, **extra):
     """doc/results/<norm>.json: what was trained, on what, and the per-epoch history."""
     record = dict(norm=norm, params=params, device=str(device), data=data, seed=seed,
                   history=history, **extra)
-    _atomic_write(path, lambda f: json.dump(record, f, indent=1))
-    return record
+    return save_json(path, record)
+
+
+def save_json(path, obj, indent=1):
+    """Write obj as JSON, whole or not at all; returns obj."""
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
+    return obj
 
 
 def load_results(path):
@@ -984,6 +1075,19 @@ def speed_table(records):
     return "\n".join(rows)
 
 
+def lr_range_table(records):
+    """benchmarks/lr_range.py results, one row per norm: where each range test's loss fell fastest
+    and where it bottomed out, against the peak lr the norm's recipe trains with."""
+    rows = ["| norm | build | steps run (of planned) | steepest fall at lr | lowest loss at lr | "
+            "recipe's peak lr | measured on | data | seed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        rows.append(f"| {NORMS[r['norm']]} | {r['build']} | {len(r['lr'])} of {r['steps']} | "
+                    f"{r['lr_steepest']:.3g} | {r['lr_at_min']:.3g} | **{r['recipe_lr']:g}** | "
+                    f"{machine(r)}, batch {r['batch_size']} | {r['data']} | {r['seed']} |")
+    return "\n".join(rows)
+
+
 def _notebook_lines(path, prefix):
     """Output lines of an executed notebook that start with prefix (numbers quoted from its run)."""
     nb = json.loads(Path(path).read_text())
@@ -994,8 +1098,8 @@ def _notebook_lines(path, prefix):
 
 def render_report(root="."):
     """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed,
-    data statistics, JPEG quality), doc/trials.md, doc/comparison.png and doc/bn_fit_vs_test.png,
-    from doc/results/ and the executed notebooks."""
+    data statistics, JPEG quality, lr range tests), doc/trials.md, doc/comparison.png,
+    doc/bn_fit_vs_test.png and doc/lr_range.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORMS
@@ -1043,6 +1147,11 @@ def render_report(root="."):
     text = _replace_block(text, "speed", speed_table(speeds))
     text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl"), runs))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
+    lr_range = results_dir / "lr-range.json"
+    if lr_range.exists():
+        lr_records = json.loads(lr_range.read_text())
+        plot_lr_range(lr_records, path=root / "doc" / "lr_range.png")
+        text = _replace_block(text, "lr-range", lr_range_table(lr_records))
     (root / "README.md").write_text(text)
 
 
@@ -1122,6 +1231,32 @@ def plot_comparison(histories, path=None):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_lr_range(records, path=None):
+    """Learning-rate range tests (records as benchmarks/lr_range.py writes them, one per norm): each
+    norm's smoothed training loss against the lr (log scale, raw loss faint), its steepest fall
+    (triangle) and lowest point (circle), and the peak lr its recipe trains with (dashed)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in records:
+        line, = ax.plot(r["lr"], r["smoothed"], label=NORMS[r["norm"]])
+        color = line.get_color()
+        ax.plot(r["lr"], r["loss"], color=color, alpha=0.15, lw=0.8)
+        for key, marker in (("lr_steepest", "v"), ("lr_at_min", "o")):
+            i = r["lr"].index(r[key])
+            ax.plot(r["lr"][i], r["smoothed"][i], marker, color=color, ms=7)
+    for i, lr in enumerate(sorted({r["recipe_lr"] for r in records})):
+        ax.axvline(lr, color="k", ls="--", lw=0.8, label="the recipe's peak lr" if i == 0 else None)
+    start = max(r["smoothed"][0] for r in records)
+    lowest = min(min(r["smoothed"]) for r in records)
+    ax.set(xscale="log", ylim=(lowest * 0.9, start * 1.15), xlabel="learning rate (log scale)",
+           ylabel="training loss (smoothed)",
+           title="LR range test: \u25bc steepest fall, \u25cf lowest loss, dashed: the recipe's peak lr")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     fig.tight_layout()
     return _finish(fig, path)
 

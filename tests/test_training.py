@@ -2,6 +2,7 @@ import json
 import os
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -581,3 +582,93 @@ def test_jpeg_table_compares_each_run_with_the_same_seed_on_the_copy():
         "| BatchNorm | 25 | 1 | 6.94 levels of 255 | 84.00% | 81.00% | 83.50% | **-2.50** |"]
     # without the seed runs, seed 2 has nothing on the copy to be compared with
     assert len(utils.jpeg_table([record], runs).splitlines()) == 4
+
+
+def small_loader(n=96, batch_size=32, seed=0):
+    """Random images with random labels, batch 32: enough for a few optimizer steps."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=batch_size, shuffle=True, seed=seed)
+
+
+def test_lr_range_test_grows_the_lr_geometrically_across_epochs():
+    """10 steps over a loader of 3 batches: the test runs on through the loader's epochs, each lr is a
+    fixed multiple of the last, from lr_min to lr_max, and the smoothed loss is the debiased moving
+    average of the raw loss."""
+    recipe = utils.Recipe(build="reference")
+    utils.set_seed(0)
+    r = utils.lr_range_test(recipe.make_model("bn"), small_loader(), recipe, lr_min=1e-4, lr_max=1e-2,
+                            steps=10, progress=False)
+    assert len(r["lr"]) == len(r["loss"]) == len(r["smoothed"]) == 10 and not r["stopped_early"]
+    assert r["lr"][0] == pytest.approx(1e-4) and r["lr"][-1] == pytest.approx(1e-2)
+    ratios = [b / a for a, b in zip(r["lr"], r["lr"][1:])]
+    assert ratios == pytest.approx([100 ** (1 / 9)] * 9)
+    average = 0.0
+    for step, (loss, smoothed) in enumerate(zip(r["loss"], r["smoothed"])):
+        average = 0.98 * average + 0.02 * loss
+        assert smoothed == pytest.approx(average / (1 - 0.98 ** (step + 1)))
+    assert r["lr_at_min"] == r["lr"][r["smoothed"].index(min(r["smoothed"]))]
+    assert r["lr_steepest"] in r["lr"] and r["lr_steepest"] <= r["lr_at_min"]
+
+
+def test_read_lr_range_finds_the_fall_and_the_floor_past_the_noisy_start():
+    """A made-up curve: a noisy plunge in the first steps, then a fall centred on lr 0.03, a floor
+    at 0.3 and a rise after it. The readings are the fall and the floor, not the plunge."""
+    lrs = list(np.geomspace(1e-3, 10, 200))
+    x = np.log10(lrs)
+    curve = 2.3 - 0.3 * (1 + np.tanh((x - np.log10(0.03)) * 3)) + 0.4 * np.clip(x - np.log10(0.3), 0, None) ** 2
+    curve[:5] += np.linspace(1.0, 0.0, 5)             # the unsettled start: the steepest drop of all
+    at_min, steepest = utils.read_lr_range(lrs, list(curve), span=50)
+    assert 0.2 < at_min < 0.45
+    assert 0.02 < steepest < 0.045
+    assert utils.read_lr_range(lrs, list(curve), span=0)[1] <= lrs[4]    # without the skip: the plunge
+
+
+def test_lr_range_test_stops_when_the_loss_blows_up():
+    recipe = utils.Recipe(build="reference")
+    utils.set_seed(0)
+    r = utils.lr_range_test(recipe.make_model("bn"), small_loader(), recipe, lr_min=1e-2, lr_max=1e6,
+                            steps=60, progress=False)
+    assert r["stopped_early"] and len(r["lr"]) < 60
+    last = r["smoothed"][-1]
+    assert last != last or last > 4 * min(r["smoothed"][:-1])   # the last step is the one that blew up (or NaN)
+    assert r["lr_at_min"] < r["lr"][-1]
+
+
+def test_lr_range_test_rejects_bad_bounds():
+    recipe = utils.Recipe(build="reference")
+    net = recipe.make_model("bn")
+    with pytest.raises(ValueError, match="lr_min < lr_max"):
+        utils.lr_range_test(net, small_loader(), recipe, lr_min=1.0, lr_max=0.1, progress=False)
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        utils.lr_range_test(net, small_loader(), recipe, steps=2, progress=False)
+
+
+def test_lr_range_record_leaves_the_notebook_run_alone_and_renders(cifar, tmp_path):
+    """A range-test record on 256 real images names the norm's recipe, and the README table and figure
+    render from it; the global RNG is as it was, so a notebook's training after it is unchanged."""
+    import matplotlib
+    matplotlib.use("Agg")
+    recipe = utils.recipe_for("gn")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    record = utils.lr_range_record(cifar, "gn", recipe, torch.device("cpu"), steps=6, lr_min=1e-3, lr_max=1.0,
+                                   train_subset=256, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    assert (record["norm"], record["build"], record["recipe_lr"], record["seed"]) == ("gn", recipe.build, recipe.lr, 1)
+    assert record["params"] == sum(p.numel() for p in recipe.make_model("gn").parameters())
+    assert len(record["lr"]) == 6 and record["lr"][0] == pytest.approx(1e-3)
+    assert all(l == l for l in record["loss"])     # finite on real data at these lrs
+    table = utils.lr_range_table([record])
+    assert "| GroupNorm | separable | 6 of 6 |" in table and f"**{recipe.lr:g}**" in table
+    utils.plot_lr_range([record], path=tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").stat().st_size > 1000
+
+
+def test_lr_range_benchmark_rejects_unknown_norms(load_benchmark, capsys):
+    lr_range = load_benchmark("lr_range")
+    with pytest.raises(SystemExit):
+        lr_range.main(["--norms", "bn,xn"])
+    assert "unknown norms ['xn']" in capsys.readouterr().err
