@@ -586,7 +586,7 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     return history
 
 
-def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=3.0, steps=300, stop_factor=4.0,
+def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, stop_factor=4.0,
                   smoothing=0.98, progress=True):
     """Leslie Smith's learning-rate range test: train model (its weights change: pass a fresh one)
     with the recipe's SGD for up to `steps` batches of loader, the lr growing geometrically from
@@ -595,7 +595,7 @@ def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=3.0, steps=300, sto
 
     Returns dict(lr, loss, smoothed) per step, and two readings of the curve: lr_at_min, where the
     smoothed loss is lowest, and lr_steepest, where it falls fastest per decade of lr. A one-cycle
-    peak is usually chosen between the two: high enough to move fast, below the point of blow-up."""
+    peak is usually chosen between the two: high enough to move fast, short of the lowest point."""
     if not 0 < lr_min < lr_max:
         raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
     if steps < 3:
@@ -643,17 +643,17 @@ def read_lr_range(lrs, smoothed, span):
 def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, lr_max=10.0,
                     train_subset=None, progress=True):
     """lr_range_test of a fresh network of `recipe` and `norm`, seeded with `seed`, on its own train
-    loader (a notebook's loaders and global RNG are left as they were, so its training run is the
-    same with or without this test). Returns the test's result with what it ran: the record that
-    benchmarks/lr_range.py writes and plot_lr_range / lr_range_table read."""
+    loader (a notebook's loaders and torch's random state are left as they were, so its training run
+    is the same with or without this test). Returns the test's result with what it ran: the record
+    that benchmarks/lr_range.py writes and plot_lr_range / lr_range_table read."""
     train_loader, _ = make_loaders(data, recipe, device, seed=seed, train_subset=train_subset, test_subset=1)
-    rng = torch.get_rng_state()
-    set_seed(seed)
-    net = recipe.make_model(norm).to(device)
     start = time.perf_counter()
-    result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
-                           progress=progress)
-    torch.set_rng_state(rng)
+    # the init and dropout draw from torch's generators (CPU, and CUDA where that is the device)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        net = recipe.make_model(norm).to(device)
+        result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
+                               progress=progress)
     return dict(norm=norm, build=recipe.build, params=sum(p.numel() for p in net.parameters()),
                 recipe_lr=recipe.lr, batch_size=recipe.batch_size, lr_min=lr_min, lr_max=lr_max, steps=steps,
                 seed=seed, device=device_name(device), data=data.source,
@@ -1251,7 +1251,7 @@ def plot_lr_range(records, path=None):
     for i, lr in enumerate(sorted({r["recipe_lr"] for r in records})):
         ax.axvline(lr, color="k", ls="--", lw=0.8, label="the recipe's peak lr" if i == 0 else None)
     start = max(r["smoothed"][0] for r in records)
-    lowest = min(min(r["smoothed"]) for r in records)
+    lowest = min(v for r in records for v in r["smoothed"] if math.isfinite(v))
     ax.set(xscale="log", ylim=(lowest * 0.9, start * 1.15), xlabel="learning rate (log scale)",
            ylabel="training loss (smoothed)",
            title="LR range test: \u25bc steepest fall, \u25cf lowest loss, dashed: the recipe's peak lr")
