@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
-from model import NORM_LAYERS, NORMS, Net
+from model import NORM_LAYERS, NORMS, Net, count_parameters
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -617,7 +617,7 @@ def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, st
         average = smoothing * average + (1 - smoothing) * losses[-1]
         smoothed.append(average / (1 - smoothing ** (step + 1)))
         bar.update()
-        bar.set_postfix(lr=f"{lrs[-1]:.3g}", loss=f"{smoothed[-1]:.3f}")
+        bar.set_postfix(lr=f"{lrs[-1]:.3g}", loss=f"{smoothed[-1]:.3f}", refresh=False)   # redrawn at the bar's own pace
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * lowest:
             break
         lowest = min(lowest, smoothed[-1])
@@ -654,7 +654,7 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
         net = recipe.make_model(norm).to(device)
         result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
                                progress=progress)
-    return dict(norm=norm, build=recipe.build, params=sum(p.numel() for p in net.parameters()),
+    return dict(norm=norm, build=recipe.build, params=count_parameters(net),
                 recipe_lr=recipe.lr, batch_size=recipe.batch_size, lr_min=lr_min, lr_max=lr_max, steps=steps,
                 seed=seed, device=device_name(device), data=data.source,
                 seconds=round(time.perf_counter() - start, 1), **result)
