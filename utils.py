@@ -873,6 +873,35 @@ def _seed_accuracies(record, runs, on=None):
     return accs
 
 
+def _target_met(accs, target):
+    """Whether {seed: final test accuracy} meets a target: the notebook run (seed 1) reaches it and
+    the mean of three seeds is at most one point below it."""
+    mean = float(np.mean(list(accs.values())))
+    if accs[1] < target or (len(accs) >= 3 and mean < target - 1):
+        return "no"
+    if len(accs) >= 3:
+        return "**yes**"
+    missing = [str(k) for k in (2, 3) if k not in accs]
+    return f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
+
+
+def headline_table(records, runs, targets=TARGETS):
+    """The README's opening table: each notebook with its build, its own run's final test accuracy,
+    the mean ± std over its seeds and whether its target is met (targets_table has the detail)."""
+    rows = ["| notebook | norm | build | final test acc (notebook run) | mean ± std over seeds | target | met |",
+            "|---|---|---|---|---|---|---|"]
+    for r in records:
+        accs = _seed_accuracies(r, runs)
+        values = list(accs.values())
+        spread = (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}% ({len(values)} seeds)"
+                  if len(values) > 1 else "-")
+        name = f"S8_{NORMS[r['norm']]}.ipynb"
+        rows.append(f"| [{name}]({name}) | {NORMS[r['norm']]} | {r.get('build', 'reference')} | "
+                    f"**{accs[1]:.2f}%** | {spread} | {targets[r['norm']]:.1f}% | "
+                    f"{_target_met(accs, targets[r['norm']])} |")
+    return "\n".join(rows)
+
+
 def targets_table(records, runs, targets=TARGETS):
     """Each current notebook run against its target: the run itself must reach it, and the mean of
     three seeds (the notebook's and seeds 2 and 3) must be at most one point below it."""
@@ -882,13 +911,7 @@ def targets_table(records, runs, targets=TARGETS):
         target = targets[r["norm"]]
         accs = _seed_accuracies(r, runs)
         run, mean = accs[1], float(np.mean(list(accs.values())))
-        if run < target or (len(accs) >= 3 and mean < target - 1):
-            met = "no"
-        elif len(accs) >= 3:
-            met = "**yes**"
-        else:
-            missing = [str(k) for k in (2, 3) if k not in accs]
-            met = f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
+        met = _target_met(accs, target)
         means = f"{mean:.2f}% | {_signed(mean - target)}" if len(accs) > 1 else "- | -"
         rows.append(f"| {NORMS[r['norm']]} | {target:.1f}% | {run:.2f}% | {_signed(run - target)} | "
                     f"{', '.join(str(k) for k in sorted(accs))} | {means} | {met} |")
@@ -1097,7 +1120,7 @@ def _notebook_lines(path, prefix):
 
 
 def render_report(root="."):
-    """Rewrite the README's generated blocks (results, seeds, targets, trials, tuning, effects, speed,
+    """Rewrite the README's generated blocks (headline, results, seeds, targets, trials, tuning, effects, speed,
     data statistics, JPEG quality, lr range tests), doc/trials.md, doc/comparison.png,
     doc/bn_fit_vs_test.png and doc/lr_range.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
@@ -1137,6 +1160,7 @@ def render_report(root="."):
     stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
                       _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
     text = (root / "README.md").read_text()
+    text = _replace_block(text, "headline", headline_table(records, runs))
     text = _replace_block(text, "results", results_table(records))
     text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
     text = _replace_block(text, "targets", targets_table(records, runs))

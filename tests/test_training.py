@@ -339,6 +339,26 @@ def test_targets_table_needs_the_notebook_run_and_a_three_seed_mean():
     assert short == "| GroupNorm | 82.0% | 81.90% | -0.10 | 1 | - | - | no |"
 
 
+def test_headline_table_gives_each_notebook_its_run_mean_and_verdict():
+    recipe = utils.recipe_dict(utils.Recipe())
+
+    def record(norm, acc, build="separable"):
+        return dict(norm=norm, build=build, recipe=recipe, history=[dict(test_acc=acc)])
+    runs = [dict(name="notebook", norm="bn", seed=n, final=acc, notebook_recipe=recipe)
+            for n, acc in ((2, 84.0), (3, 83.0))]
+    rows = utils.headline_table([record("bn", 85.0), record("ln", 80.0, "separable-ws")], runs,
+                                dict(bn=85.0, ln=81.0)).splitlines()
+    assert rows[2] == ("| [S8_BatchNorm.ipynb](S8_BatchNorm.ipynb) | BatchNorm | separable | **85.00%** | "
+                       "84.00 ± 1.00% (3 seeds) | 85.0% | **yes** |")
+    assert rows[3] == ("| [S8_LayerNorm.ipynb](S8_LayerNorm.ipynb) | LayerNorm | separable-ws | **80.00%** | "
+                       "- | 81.0% | no |")
+    # the README opens with exactly what render_report writes from the results files
+    root = utils.Path(__file__).resolve().parent.parent
+    records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
+    trials = [x for p in sorted((root / "doc" / "results").glob("trials-*.jsonl")) for x in utils._read_jsonl(p)]
+    assert utils.headline_table(records, trials) in (root / "README.md").read_text()
+
+
 def test_seeds_keep_cpu_and_gpu_runs_apart():
     """A CPU notebook run pools only CPU seed runs; the GPU's runs of the same recipe (seed 1
     included) get a row of their own; a sweep's seed 1 never replaces the notebook's own run."""
