@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,19 @@ def test_the_notebooks_separable_build(norm):
     assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
     separable = [n for n, b in net.layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
     assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
+
+
+def test_separable_tail_keeps_the_8x8_stage_at_8x8():
+    net = Net("bn", build="separable-tail")
+    assert count_parameters(net) == count_parameters(Net("bn", build="separable"))
+    rows = {r["layer"]: r for r in receptive_field(net)}
+    assert rows["C9"]["rf"] == 44 and rows["C8"]["out"] == rows["C9"]["out"] == 8
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_readme_names_every_build():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert [b for b in BUILDS if f"`{b}`" not in readme] == []
 
 
 def test_separable_skips_add_input_where_shapes_match():
