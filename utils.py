@@ -888,8 +888,8 @@ def _target_met(accs, target):
 def headline_table(records, runs, targets=TARGETS):
     """The README's opening table: each notebook with its build, its own run's final test accuracy,
     the mean ± std over its seeds and whether its target is met (targets_table has the detail)."""
-    rows = ["| notebook | norm | build | final test acc (notebook run) | mean ± std over seeds | target | met |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| notebook | norm | build | final test acc (notebook run) | mean ± std over seeds | target | met | "
+            "measured on |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         accs = _seed_accuracies(r, runs)
         values = list(accs.values())
@@ -898,7 +898,7 @@ def headline_table(records, runs, targets=TARGETS):
         name = f"S8_{NORMS[r['norm']]}.ipynb"
         rows.append(f"| [{name}]({name}) | {NORMS[r['norm']]} | {r.get('build', 'reference')} | "
                     f"**{accs[1]:.2f}%** | {spread} | {targets[r['norm']]:.1f}% | "
-                    f"{_target_met(accs, targets[r['norm']])} |")
+                    f"{_target_met(accs, targets[r['norm']])} | {r.get('device', '?')} |")
     return "\n".join(rows)
 
 

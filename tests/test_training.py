@@ -343,15 +343,15 @@ def test_headline_table_gives_each_notebook_its_run_mean_and_verdict():
     recipe = utils.recipe_dict(utils.Recipe())
 
     def record(norm, acc, build="separable"):
-        return dict(norm=norm, build=build, recipe=recipe, history=[dict(test_acc=acc)])
+        return dict(norm=norm, build=build, recipe=recipe, history=[dict(test_acc=acc)], device="CPU (2 threads)")
     runs = [dict(name="notebook", norm="bn", seed=n, final=acc, notebook_recipe=recipe)
             for n, acc in ((2, 84.0), (3, 83.0))]
     rows = utils.headline_table([record("bn", 85.0), record("ln", 80.0, "separable-ws")], runs,
                                 dict(bn=85.0, ln=81.0)).splitlines()
     assert rows[2] == ("| [S8_BatchNorm.ipynb](S8_BatchNorm.ipynb) | BatchNorm | separable | **85.00%** | "
-                       "84.00 ± 1.00% (3 seeds) | 85.0% | **yes** |")
+                       "84.00 ± 1.00% (3 seeds) | 85.0% | **yes** | CPU (2 threads) |")
     assert rows[3] == ("| [S8_LayerNorm.ipynb](S8_LayerNorm.ipynb) | LayerNorm | separable-ws | **80.00%** | "
-                       "- | 81.0% | no |")
+                       "- | 81.0% | no | CPU (2 threads) |")
     # the README opens with exactly what render_report writes from the results files
     root = utils.Path(__file__).resolve().parent.parent
     records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
