@@ -80,8 +80,8 @@ BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)
 BUILDS["separable-dwnorm"] = replace(BUILDS["separable"], depthwise_norm=True,
                                      widths=BUILDS["separable"].widths[:-1] + (104,))
 # The separable build with C8 and C9 padded, so the 8x8 stage stays 8x8 to the GAP: no extra
-# parameters, and the two widest blocks (42% of the weights) see 64 positions each instead of 36
-# and 16, about 10% more multiply-adds in all. One BatchNorm trial (doc/trials.md).
+# parameters, and the two widest blocks (44% of the parameters) see 64 positions each instead of 36
+# and 16, about 8% more multiply-adds in all. One BatchNorm trial (doc/trials.md).
 BUILDS["separable-tail"] = replace(BUILDS["separable"], tail_padding=1)
 
 
