@@ -885,6 +885,16 @@ def _target_met(accs, target):
     return f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
 
 
+def _seed_spread(accs, bold=False):
+    """'mean ± std% (n seeds)' of {seed: final test accuracy}, the mean ± std part in bold if asked;
+    '-' for a single seed, which has no spread."""
+    values = [accs[k] for k in sorted(accs)]
+    if len(values) < 2:
+        return "-"
+    mark = "**" if bold else ""
+    return f"{mark}{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%{mark} ({len(values)} seeds)"
+
+
 def headline_table(records, runs, targets=TARGETS):
     """The README's opening table: each notebook with its build, its own run's final test accuracy,
     the mean ± std over its seeds and whether its target is met (targets_table has the detail)."""
@@ -892,12 +902,9 @@ def headline_table(records, runs, targets=TARGETS):
             "measured on |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         accs = _seed_accuracies(r, runs)
-        values = list(accs.values())
-        spread = (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}% ({len(values)} seeds)"
-                  if len(values) > 1 else "-")
         name = f"S8_{NORMS[r['norm']]}.ipynb"
         rows.append(f"| [{name}]({name}) | {NORMS[r['norm']]} | {r.get('build', 'reference')} | "
-                    f"**{accs[1]:.2f}%** | {spread} | {targets[r['norm']]:.1f}% | "
+                    f"**{accs[1]:.2f}%** | {_seed_spread(accs)} | {targets[r['norm']]:.1f}% | "
                     f"{_target_met(accs, targets[r['norm']])} | {r.get('device', '?')} |")
     return "\n".join(rows)
 
@@ -928,11 +935,8 @@ def seeds_table(records, runs):
     current = {}
 
     def row(norm, label, accs):
-        values = [accs[k] for k in sorted(accs)]
         cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
-        spread = (f"**{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%** ({len(values)} seeds)"
-                  if len(values) > 1 else "-")
-        return f"| {NORMS[norm]} | {label} | {cells} | {spread} |"
+        return f"| {NORMS[norm]} | {label} | {cells} | {_seed_spread(accs, bold=True)} |"
     for r in records:
         current.setdefault(r["norm"], r)
         build = r.get("build", "reference")
@@ -1119,6 +1123,11 @@ def _notebook_lines(path, prefix):
             if line.startswith(prefix)]
 
 
+def read_trials(results_dir):
+    """Every trial record of the sweeps: the lines of all trials-*.jsonl files in results_dir."""
+    return [x for path in sorted(Path(results_dir).glob("trials-*.jsonl")) for x in _read_jsonl(path)]
+
+
 def render_report(root="."):
     """Rewrite the README's generated blocks (headline, results, seeds, targets, trials, tuning, effects, speed,
     data statistics, JPEG quality, lr range tests), doc/trials.md, doc/comparison.png,
@@ -1130,7 +1139,7 @@ def render_report(root="."):
     if not records:
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
-    runs = [x for path in sorted(results_dir.glob("trials-*.jsonl")) for x in _read_jsonl(path)]
+    runs = read_trials(results_dir)
     for r in records:
         if r["norm"] == "bn":      # the norm still short of its target, with the most trials
             plot_fit_vs_test(r, runs, TARGETS["bn"], path=root / "doc" / "bn_fit_vs_test.png")

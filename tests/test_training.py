@@ -355,7 +355,7 @@ def test_headline_table_gives_each_notebook_its_run_mean_and_verdict():
     # the README opens with exactly what render_report writes from the results files
     root = utils.Path(__file__).resolve().parent.parent
     records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
-    trials = [x for p in sorted((root / "doc" / "results").glob("trials-*.jsonl")) for x in utils._read_jsonl(p)]
+    trials = utils.read_trials(root / "doc" / "results")
     assert utils.headline_table(records, trials) in (root / "README.md").read_text()
 
 
