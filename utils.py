@@ -238,12 +238,15 @@ class Augment:
     pixels (an integer shift in [-pad, pad], zero fill); rotate_deg/rotate_p: rotate by an angle
     uniform in [-deg, deg] with probability p; flip_alternate: each image's flip is drawn once
     (probability flip) and then inverted every epoch, so any two epochs in a row show every image
-    both ways (Loader keeps the per-image draw; as in Jordan's cifar10-airbench)."""
+    both ways (Loader keeps the per-image draw; as in Jordan's cifar10-airbench); cutout: side of a
+    square, centred anywhere in the image and clipped at its borders, set to the mean colour (DeVries
+    and Taylor 2017), applied last; 0: none."""
     flip: float = 0.5
     crop_pad: int = 4
     rotate_deg: float = 0.0
     rotate_p: float = 0.0
     flip_alternate: bool = False
+    cutout: int = 0
 
     def draw(self, n, generator):
         """The random choices for n images, drawn on the CPU so that a seed gives the same
@@ -253,15 +256,20 @@ class Augment:
         shift = torch.randint(-self.crop_pad, self.crop_pad + 1, (n, 2), generator=g)
         angle = (torch.rand(n, generator=g) * 2 - 1) * self.rotate_deg
         angle = torch.where(torch.rand(n, generator=g) < self.rotate_p, angle, torch.zeros(n))
-        return flip, shift, angle
+        # drawn only when used, so that runs without cutout keep the random stream of older records
+        centre = (torch.randint(0, IMAGE_SHAPE[1], (n, 2), generator=g) if self.cutout > 0
+                  else torch.zeros(n, 2, dtype=torch.int64))
+        return flip, shift, angle, centre
 
-    def apply(self, x, flip, shift, angle):
+    def apply(self, x, flip, shift, angle, centre):
         if self.flip > 0:
             x = hflip(x, flip)
         if self.rotate_deg > 0 and self.rotate_p > 0:
             x = rotate(x, angle)
         if self.crop_pad > 0:
             x = translate(x, shift, self.crop_pad)
+        if self.cutout > 0:
+            x = cutout(x, centre, self.cutout)
         return x
 
 
@@ -281,6 +289,16 @@ def translate(x, shift, pad):
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]   # (N, H, W, C)
     out = out.permute(0, 3, 1, 2)                          # (N, C, H, W), channels_last in memory
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def cutout(x, centre, size):
+    """Set a size x size square of image i, centred at centre[i] = (row, col) and clipped at the
+    borders, to 0: the mean colour of normalised images. One mask for the batch, no loop."""
+    top_left = centre - size // 2                                                # (N, 2)
+    rows = torch.arange(x.shape[2], device=x.device) - top_left[:, :1]           # (N, H)
+    cols = torch.arange(x.shape[3], device=x.device) - top_left[:, 1:]           # (N, W)
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return torch.where(inside[:, None], 0.0, x)        # (N, C, H, W); keeps x's memory format
 
 
 def rotate(x, degrees):
@@ -365,6 +383,8 @@ class Recipe:
     decay_norms: bool = True      # weight decay on the norms' scale and shift too; False spares them
     decay_depthwise: bool = True  # weight decay on the depthwise 3x3 filters of separable blocks too;
                                   # False spares them (MobileNet's advice: they hold 9 weights each)
+    train_norm_scale: bool = True # False holds every norm's scale at 1, untrained, as cifar10-airbench's
+                                  # BatchNorm does; the shift still trains
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
@@ -379,7 +399,12 @@ class Recipe:
     def make_model(self, norm):
         extra = {} if self.dropout is None else {"dropout": self.dropout}
         # channels_last weights, like make_loaders' images: faster on CPU and GPU, same numbers
-        return Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
+        net = Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
+        if not self.train_norm_scale:
+            for m in net.modules():
+                if isinstance(m, NORM_LAYERS):
+                    m.weight.requires_grad_(False)    # stays at its initial 1; the optimizer leaves it out
+        return net
 
 
 # Where one norm's notebook departs from Recipe(), measured in the tuning rounds (README section 6):
@@ -398,7 +423,8 @@ def recipe_for(norm):
 # Recipe (and Augment) fields added after runs were recorded, with the value that reproduces the training of
 # those older records (a new field's default keeps the old behaviour).
 ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
-                "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0}
+                "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0, "cutout": 0,
+                "train_norm_scale": True}
 
 
 def set_seed(seed):
@@ -435,7 +461,7 @@ def make_sgd(model, recipe, lr):
     """The recipe's SGD (Nesterov momentum, weight decay) at a constant lr. With recipe.decay_norms
     False the norms' affine scale and shift train without weight decay, with recipe.decay_depthwise
     False the depthwise convs' filters."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     spared = {id(p) for m in model.modules()
               if (not recipe.decay_norms and isinstance(m, NORM_LAYERS))
               or (not recipe.decay_depthwise and is_depthwise(m))
@@ -1342,6 +1368,8 @@ def show_augmentations(images, augment, mean, std, seed=0, path=None):
              f"rotate ±{augment.rotate_deg or 10:g}°": Augment(flip=0, crop_pad=0,
                                                             rotate_deg=augment.rotate_deg or 10, rotate_p=1),
              f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, crop_pad=augment.crop_pad or 4),
+             **({f"cutout {augment.cutout}": Augment(flip=0, crop_pad=0, cutout=augment.cutout)}
+                if augment.cutout else {}),
              "recipe": augment}
     rows = []
     for name, aug in parts.items():

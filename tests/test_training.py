@@ -59,6 +59,33 @@ def test_augmentations_move_pixels_as_claimed():
         torch.allclose(turned[0], x[0].rot90(-1, dims=(1, 2)), atol=1e-4)
 
 
+def test_cutout_blanks_the_clipped_square_and_nothing_else():
+    x = torch.randn(3, 3, 32, 32) + 10                  # no pixel is 0 before
+    cut = utils.cutout(x, torch.tensor([[16, 16], [0, 0], [31, 5]]), 8)
+    assert torch.all(cut[0, :, 12:20, 12:20] == 0)      # centred: rows and cols 12..19
+    assert torch.all(cut[1, :, :4, :4] == 0)            # a corner: clipped to 4 x 4
+    assert torch.all(cut[2, :, 27:, 1:9] == 0)          # the bottom edge: 5 x 8
+    assert (cut == 0).sum().item() == 3 * (64 + 16 + 40)
+    assert torch.equal(cut[cut != 0], x[cut != 0])
+
+
+def test_cutout_off_keeps_the_random_stream():
+    """Records from before cutout existed must replay: with cutout 0, draw() takes from the
+    generator exactly the numbers it took before (flip, shift, angle, rotate_p), no more."""
+    old = utils.Augment(crop_pad=2, rotate_deg=10, rotate_p=0.1)
+    g = torch.Generator().manual_seed(3)
+    draws = old.draw(50, g)
+    by_hand = torch.Generator().manual_seed(3)
+    for make in (torch.rand, lambda n, generator: torch.randint(-2, 3, (n, 2), generator=generator),
+                 torch.rand, torch.rand):
+        make(50, generator=by_hand)
+    assert torch.equal(torch.rand(5, generator=g), torch.rand(5, generator=by_hand))
+    assert torch.equal(draws[3], torch.zeros(50, 2, dtype=torch.int64))
+    with_cutout = replace(old, cutout=8).draw(50, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(draws[:3], with_cutout[:3]))
+    assert with_cutout[3].min() >= 0 and with_cutout[3].max() < 32 and with_cutout[3].unique().numel() > 10
+
+
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_norm_by_hand_matches_the_layer(norm, mode):
@@ -295,6 +322,22 @@ def test_decay_depthwise_false_spares_the_depthwise_filters_only(decay_depthwise
     assert (depthwise <= moved) == decay_depthwise
     assert (moved & depthwise == set()) != decay_depthwise
     assert {n for n in before if n.endswith("conv.1.weight")} <= moved    # the pointwise convs keep theirs
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_train_norm_scale_false_holds_the_scales_at_one_and_trains_the_rest(norm):
+    recipe = replace(utils.Recipe(), train_norm_scale=False)
+    torch.manual_seed(0)
+    model = recipe.make_model(norm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer, _ = utils.make_optimizer(model, recipe, steps_per_epoch=1)
+    nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
+    optimizer.step()
+    scales = {n for n in before if n.endswith(".norm.weight")}
+    assert len(scales) == 10                                    # every block but c10
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(before) - scales
+    assert all(torch.all(model.get_parameter(n) == 1) for n in scales)
 
 
 def test_ema_gives_the_model_its_averaged_weights_before_the_last_test(images):
