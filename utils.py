@@ -17,6 +17,7 @@ import time
 import urllib.error
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -385,6 +386,8 @@ class Recipe:
                                   # False spares them (MobileNet's advice: they hold 9 weights each)
     train_norm_scale: bool = True # False holds every norm's scale at 1, untrained, as cifar10-airbench's
                                   # BatchNorm does; the shift still trains
+    sam_rho: float = 0.0          # > 0: every step is SAM's (sharpness-aware, train_step) with this radius;
+                                  # twice the compute per step, the same 20 passes over the data
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
@@ -424,7 +427,7 @@ def recipe_for(norm):
 # those older records (a new field's default keeps the old behaviour).
 ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
                 "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0, "cutout": 0,
-                "train_norm_scale": True}
+                "train_norm_scale": True, "sam_rho": 0.0}
 
 
 def set_seed(seed):
@@ -521,19 +524,57 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-def train_step(model, x, y, optimizer, label_smoothing=0.0):
-    """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached."""
+def batch_loss(model, x, y, label_smoothing=0.0):
+    """(loss, log-probabilities) of model on the batch (x, y); the loss is not yet detached."""
     with _autocast(x.device):
         log_probs = model(x)
     loss = F.nll_loss(log_probs.float(), y) if label_smoothing == 0 else \
         F.cross_entropy(log_probs.float(), y, label_smoothing=label_smoothing)
+    return loss, log_probs
+
+
+@contextmanager
+def batchnorm_stats_held(model):
+    """BatchNorm layers still normalise by the batch but leave their running statistics as they are
+    (momentum 0), for a second forward pass over a batch they have already counted."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def train_step(model, x, y, optimizer, label_smoothing=0.0, sam_rho=0.0):
+    """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached.
+    With sam_rho > 0 the step is SAM's (Foret et al. 2021): the gradient is taken again at the weights
+    moved rho along the normalised gradient, the weights are moved back, and the optimizer steps
+    with that second gradient; it costs a second forward and backward pass."""
+    loss, log_probs = batch_loss(model, x, y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sam_rho > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        start = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            scale = sam_rho / (torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) + 1e-12)
+            for p in params:
+                p.add_(p.grad * scale)                         # uphill, to the worst nearby point
+        optimizer.zero_grad(set_to_none=True)
+        with batchnorm_stats_held(model):
+            batch_loss(model, x, y, label_smoothing)[0].backward()
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)                                    # back to where the step starts, exactly
     optimizer.step()
     return loss, log_probs
 
 
-def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
+def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None, sam_rho=0.0):
     """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
     `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
     model.train()
@@ -541,7 +582,7 @@ def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, a
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader:
-        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing)
+        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing, sam_rho)
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
@@ -593,7 +634,7 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
-                                            recipe.label_smoothing, averaged)
+                                            recipe.label_smoothing, averaged, recipe.sam_rho)
         if averaged is not None and epoch == recipe.epochs:
             model.load_state_dict(averaged.module.state_dict())
         if recipe.precise_bn and epoch == recipe.epochs:

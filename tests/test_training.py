@@ -340,6 +340,27 @@ def test_train_norm_scale_false_holds_the_scales_at_one_and_trains_the_rest(norm
     assert all(torch.all(model.get_parameter(n) == 1) for n in scales)
 
 
+def test_sam_step_takes_the_gradient_uphill_and_starts_from_the_weights_it_had():
+    """With lr 0 and no weight decay a SAM step must leave the weights exactly where they were (the
+    uphill move undone) and BatchNorm's statistics as one plain forward pass leaves them; the
+    gradient it stepped with is not the plain one."""
+    recipe = replace(utils.Recipe(), dropout=0.0, weight_decay=0.0, momentum_swing=0.0)
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    grads, states = {}, {}
+    for rho in (0.0, 0.05):
+        torch.manual_seed(0)
+        model = recipe.make_model("bn").train()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = utils.make_sgd(model, recipe, lr=0.0)
+        utils.train_step(model, x, y, optimizer, sam_rho=rho)
+        grads[rho] = model.layers.C2.conv.weight.grad.clone()
+        states[rho] = model.state_dict()
+        assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    assert [k for k in states[0.0] if not torch.equal(states[0.0][k], states[0.05][k])] == []   # weights, statistics
+    assert not torch.allclose(grads[0.0], grads[0.05])
+    assert torch.nn.functional.cosine_similarity(grads[0.0].flatten(), grads[0.05].flatten(), dim=0) > 0.5
+
+
 def test_ema_gives_the_model_its_averaged_weights_before_the_last_test(images):
     """With a decay this close to 1 the average barely leaves the initial weights, so the trained
     model must end where it started, and its last test must be that model's."""
