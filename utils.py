@@ -1395,7 +1395,7 @@ def plot_fit_vs_test(record, runs, target=None, path=None):
     ax.set(xlabel="final train accuracy (%, with augmentation and dropout)", ylabel="final test accuracy (%)",
            title=f"{NORMS[norm]}: {epochs}-epoch runs on the {own}, train against test")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")    # where it hides no trial
     fig.tight_layout()
     return _finish(fig, path)
 
