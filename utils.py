@@ -561,7 +561,7 @@ def train_step(model, x, y, optimizer, label_smoothing=0.0, sam_rho=0.0):
         params = [p for p in model.parameters() if p.grad is not None]
         start = [p.detach().clone() for p in params]
         with torch.no_grad():
-            scale = sam_rho / (torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) + 1e-12)
+            scale = sam_rho / (torch.nn.utils.get_total_norm([p.grad for p in params]) + 1e-12)
             for p in params:
                 p.add_(p.grad * scale)                         # uphill, to the worst nearby point
         optimizer.zero_grad(set_to_none=True)
