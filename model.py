@@ -41,6 +41,9 @@ class Build:
     depthwise_norm: bool = False  # separable blocks as MobileNet v1's: depthwise 3x3 -> norm -> ReLU ->
                                   # pointwise 1x1 -> norm -> ReLU, twice the nonlinear depth; False: the
                                   # two convs compose into one linear map (Xception's choice)
+    pointwise_groups: int = 1     # separable blocks' 1x1 mix split into this many groups, each mixing only
+                                  # its share of the channels (ShuffleNet): 1/groups of the weights, so more
+                                  # width for the budget; a channel shuffle before it lets groups trade
 
 
 BUILDS = {
@@ -79,6 +82,12 @@ BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)
 # 49,856 parameters. One BatchNorm trial (doc/trials.md).
 BUILDS["separable-dwnorm"] = replace(BUILDS["separable"], depthwise_norm=True,
                                      widths=BUILDS["separable"].widths[:-1] + (104,))
+# The separable build with ShuffleNet's grouped pointwise convs: each separable block's 1x1 mix in two
+# groups of channels after a channel shuffle, which halves its weights; the saving pays for 25% more
+# width at 16x16 and 40% more at 8x8. 49,416 parameters, receptive field 44. One BatchNorm proxy
+# (doc/trials.md).
+BUILDS["separable-shuffle"] = replace(BUILDS["separable"], pointwise_groups=2,
+                                      widths=(16, 32, 32, 80, 80, 80, 56, 136, 136, 152))
 # The separable build with C8 and C9 padded, so the 8x8 stage stays 8x8 to the GAP: no extra
 # parameters, and the two widest blocks (44% of the parameters) see 64 positions each instead of 36
 # and 16, about 8% more multiply-adds in all. One BatchNorm trial (doc/trials.md).
@@ -136,7 +145,8 @@ class ConvBlock(nn.Module):
     """conv (no bias) -> norm -> ReLU -> dropout (linear: conv -> norm), optionally with an additive skip."""
 
     def __init__(self, name, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
-                 separable=False, weight_standardization=False, linear=False, depthwise_norm=False):
+                 separable=False, weight_standardization=False, linear=False, depthwise_norm=False,
+                 pointwise_groups=1):
         super().__init__()
         # weight standardization for every conv that mixes channels, not for the depthwise 3x3
         # filters: at zero mean a 9-weight filter could only detect edges
@@ -147,7 +157,13 @@ class ConvBlock(nn.Module):
             depthwise = [nn.Conv2d(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False)]
             if depthwise_norm:      # MobileNet v1: the depthwise output is normalised and rectified too
                 depthwise += [make_norm(norm, c_in, groups, f"{name} (depthwise)"), nn.ReLU()]
-            self.conv = nn.Sequential(*depthwise, mixing(c_in, c_out, 1, bias=False))
+            if pointwise_groups > 1:
+                if c_in % pointwise_groups or c_out % pointwise_groups:
+                    raise ValueError(f"pointwise_groups={pointwise_groups} does not divide the {c_in} -> {c_out} "
+                                     f"channels of separable block {name}: choose widths divisible by it")
+                # without the shuffle, group g of every later block would only ever see group g's channels
+                depthwise.append(nn.ChannelShuffle(pointwise_groups))
+            self.conv = nn.Sequential(*depthwise, mixing(c_in, c_out, 1, groups=pointwise_groups, bias=False))
         else:
             self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=False)
         self.norm = make_norm(norm, c_out, groups, name)
@@ -189,7 +205,7 @@ class Net(nn.Module):
             return ConvBlock(name, c_in, w[name], kernel_size, padding, norm, groups,
                              cfg.dropout, cfg.skips, name in cfg.separable, cfg.weight_standardization,
                              linear=cfg.linear_squeeze and name in SQUEEZE_BLOCKS,
-                             depthwise_norm=cfg.depthwise_norm)
+                             depthwise_norm=cfg.depthwise_norm, pointwise_groups=cfg.pointwise_groups)
 
         tail = cfg.tail_padding
         self.layers = nn.Sequential(OrderedDict([

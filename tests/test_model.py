@@ -165,6 +165,35 @@ def test_depthwise_norm_rectifies_between_depthwise_and_pointwise():
     assert isinstance(gn.layers.C7.conv[1], nn.GroupNorm) and gn.layers.C7.conv[1].num_groups == 8
 
 
+def test_shuffle_build_mixes_in_two_groups_after_a_channel_shuffle():
+    net = Net("bn", build="separable-shuffle").eval()
+    assert count_parameters(net) == 49416 < 50000
+    assert receptive_field(net)[-3]["rf"] == 44
+    for name in ("C3", "C4", "C5", "C7", "C8", "C9"):
+        dw, shuffle, pw = getattr(net.layers, name).conv
+        assert dw.groups == dw.in_channels and pw.groups == 2 and shuffle.groups == 2
+        assert pw.weight.shape == (pw.out_channels, pw.in_channels // 2, 1, 1)   # half the weights
+    # the shuffle interleaves the two halves, so each group of the 1x1 mix sees channels of both
+    x = torch.arange(8.0).reshape(1, 8, 1, 1)
+    assert net.layers.C8.conv[1](x).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    # an output channel of C9 depends on input channels of C8 from both groups: perturb one
+    # channel of each half of C8's input and both change the first output channel
+    with torch.no_grad():
+        c8, c9 = net.layers.C8, net.layers.C9
+        x = torch.randn(1, 136, 8, 8)
+        base = c9(c8(x))[0, 0]
+        for channel in (0, 135):
+            moved = x.clone()
+            moved[0, channel] += 10
+            assert not torch.allclose(c9(c8(moved))[0, 0], base)
+    assert Net("gn", groups=8, build="separable-shuffle")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pointwise_groups_must_divide_the_widths():
+    with pytest.raises(ValueError, match=r"pointwise_groups=3 does not divide the 32 -> 80 channels of separable block C3"):
+        Net("bn", build="separable-shuffle", pointwise_groups=3)
+
+
 def test_weight_standardization_standardises_mixing_filters_only():
     """build="separable-ws": every conv that mixes channels uses its filters at zero mean and unit
     variance, so scaling and shifting a filter's raw weights changes nothing; the depthwise 3x3
