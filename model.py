@@ -84,8 +84,8 @@ BUILDS["separable-dwnorm"] = replace(BUILDS["separable"], depthwise_norm=True,
                                      widths=BUILDS["separable"].widths[:-1] + (104,))
 # The separable build with ShuffleNet's grouped pointwise convs: each separable block's 1x1 mix in two
 # groups of channels after a channel shuffle, which halves its weights; the saving pays for 25% more
-# width at 16x16 and 40% more at 8x8. 49,416 parameters, receptive field 44. One BatchNorm proxy
-# (doc/trials.md).
+# width at 16x16 and 40% more at 8x8. 49,416 parameters, receptive field 44. One BatchNorm trial
+# (doc/trials.md): it fit the training set a little better and tested lower; not adopted.
 BUILDS["separable-shuffle"] = replace(BUILDS["separable"], pointwise_groups=2,
                                       widths=(16, 32, 32, 80, 80, 80, 56, 136, 136, 152))
 # The separable build with C8 and C9 padded, so the 8x8 stage stays 8x8 to the GAP: no extra
