@@ -1128,25 +1128,27 @@ def tuning_table(runs, records, earlier=()):
 
 def jpeg_table(records, jpeg_runs, runs=()):
     """The data diagnostic (benchmarks/jpeg_quality.py): each run of a notebook's recipe on the copy
-    re-encoded at a lower JPEG quality, against the run of the same recipe, seed and kind of machine
-    on the copy as it is (the notebook's own run for seed 1, else a seed run from `runs`), from which
-    it differs only in the pixels; per quality with several seeds, the mean change."""
-    rows = ["| norm | JPEG quality | seed | mean change per pixel | final train acc | final test acc | "
+    re-encoded at a lower JPEG quality, or at its own quality with the block grid moved, against the
+    run of the same recipe, seed and kind of machine on the copy as it is (the notebook's own run for
+    seed 1, else a seed run from `runs`), from which it differs only in the pixels; per re-encoding
+    with several seeds, the mean change."""
+    rows = ["| norm | JPEG re-encoding | seed | mean change per pixel | final train acc | final test acc | "
             "the copy, same seed | change |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         on_copy = _seed_accuracies(r, runs)
         same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
                        and x.get("seed") in on_copy and machine(x) == machine(r) and _same_notebook_recipe(x, r)),
-                      key=lambda x: (-x["jpeg_quality"], x["seed"]))
-        for quality in dict.fromkeys(x["jpeg_quality"] for x in same):
+                      key=lambda x: (-x["jpeg_quality"], x.get("jpeg_shift", 0), x["seed"]))
+        for quality, shift in dict.fromkeys((x["jpeg_quality"], x.get("jpeg_shift", 0)) for x in same):
+            how = f"quality {quality}" + (f", block grid moved {shift} px" if shift else "")
             changes = []
-            for x in (x for x in same if x["jpeg_quality"] == quality):
+            for x in (x for x in same if (x["jpeg_quality"], x.get("jpeg_shift", 0)) == (quality, shift)):
                 changes.append(x["final"] - on_copy[x["seed"]])
-                rows.append(f"| {NORMS[r['norm']]} | {quality} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
+                rows.append(f"| {NORMS[r['norm']]} | {how} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
                             f"of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | {on_copy[x['seed']]:.2f}% | "
                             f"**{_signed(changes[-1])}** |")
             if len(changes) > 1:
-                rows.append(f"| {NORMS[r['norm']]} | {quality} | mean of {len(changes)} | | | | | "
+                rows.append(f"| {NORMS[r['norm']]} | {how} | mean of {len(changes)} | | | | | "
                             f"**{_signed(np.mean(changes))}** |")
     return "\n".join(rows)
 

@@ -12,7 +12,16 @@ that seed on the copy and differs from it only in the pixels.
 JPEG's quality q scales its quantization steps by 50/q (q <= 50) or (100 - q)/50 (q > 50):
 quality 75 quantizes with half the base steps, 50 with the base steps, 25 with twice them.
 
+Re-encoding at the copy's own quality 75 changes almost nothing, because JPEG's 8x8 blocks fall where
+they fell before and its quantization is nearly idempotent there. With --shift N the encoder's block
+grid is moved N pixels against the image (each image is padded by N edge pixels on every side, encoded,
+decoded and cropped back), so the same quality meets the pixels as the first encoding met the
+original ones: a stand-in for one more pass of what made the copy, at the copy's own quality.
+
     python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50 \\
+        --out doc/results/jpeg-quality.jsonl
+    # one more pass of the copy's own compression, block grid moved by 4 pixels
+    python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 75 --shift 4 \\
         --out doc/results/jpeg-quality.jsonl
     # the figure of README section 6: test images at the copy's quality, 50 and 25
     python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50,25 \\
@@ -29,18 +38,37 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
-from torchvision.io import decode_jpeg, encode_jpeg  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchvision.io import decode_jpeg, encode_jpeg, encode_png  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import utils  # noqa: E402
 from sweep import notebook_runs, run_one  # noqa: E402
 
 
-def write_jpeg_copy(data, path, quality):
-    """Write `data` (a utils.CIFAR10) as an ImageFolder .tar.gz, every image a JPEG at `quality`
-    (torchvision's encoder: libjpeg, 4:2:0 chroma subsampling). Files are named by their index within
-    their class, so utils.load_cifar10 reads them back in `data`'s order where `data` is grouped by class,
-    as every ImageFolder copy loads (torchvision's pickles are not: their copy comes back sorted by class)."""
+def reencode(images, quality, shift=0):
+    """uint8 images (N, 3, H, W) through JPEG at `quality` and back (torchvision's encoder: libjpeg,
+    4:2:0 chroma subsampling). shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8
+    blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
+    the decoded images back to (H, W)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
+    if not 0 <= shift <= 7:
+        raise ValueError(f"shift={shift}: move the 8x8 block grid by 0 to 7 pixels (8 is the grid again)")
+    if shift:
+        # replicate padding runs on floats; the padded pixels are copies of uint8 ones, so exact
+        images = F.pad(images.float(), (shift,) * 4, mode="replicate").to(torch.uint8)
+    decoded = torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
+    h, w = decoded.shape[-2] - 2 * shift, decoded.shape[-1] - 2 * shift
+    return decoded[..., shift:shift + h, shift:shift + w].contiguous()
+
+
+def write_jpeg_copy(data, path, quality, shift=0, batch=1000):
+    """Write `data` (a utils.CIFAR10) as an ImageFolder .tar.gz, each image as reencode(image, quality,
+    shift) holds it: at shift 0 the encoder's own JPEG file, else the decoded and cropped result as a
+    PNG file (lossless, so the pixels are exactly reencode's). Files are named by their index within their class, so utils.load_cifar10 reads
+    them back in `data`'s order where `data` is grouped by class, as every ImageFolder copy loads
+    (torchvision's pickles are not: their copy comes back sorted by class)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
     path = Path(path)
@@ -50,20 +78,22 @@ def write_jpeg_copy(data, path, quality):
         for split in ("train", "test"):
             images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
             seen = [0] * len(data.classes)
-            for img, label in zip(tqdm(images, desc=f"encoding {split} at quality {quality}",
-                                       mininterval=5, ascii=True), labels.tolist()):
-                jpeg = encode_jpeg(img, quality=quality).numpy().tobytes()
-                member = tarfile.TarInfo(f"{split}/{data.classes[label]}/{seen[label]:05d}.jpg")
-                member.size = len(jpeg)
-                tar.addfile(member, io.BytesIO(jpeg))
-                seen[label] += 1
+            desc = f"encoding {split} at quality {quality}" + (f", grid moved {shift} px" if shift else "")
+            for start in tqdm(range(0, len(images), batch), desc=desc, mininterval=5, ascii=True):
+                chunk = images[start:start + batch]
+                if shift:
+                    chunk = reencode(chunk, quality, shift)
+                    files, suffix = [encode_png(img) for img in chunk], "png"
+                else:
+                    files, suffix = encode_jpeg(list(chunk), quality=quality), "jpg"
+                for file, label in zip(files, labels[start:start + batch].tolist()):
+                    file = file.numpy().tobytes()
+                    member = tarfile.TarInfo(f"{split}/{data.classes[label]}/{seen[label]:05d}.{suffix}")
+                    member.size = len(file)
+                    tar.addfile(member, io.BytesIO(file))
+                    seen[label] += 1
     tmp.replace(path)       # a cut-off run leaves no half-written archive behind
     return path
-
-
-def reencode(images, quality):
-    """uint8 images (N, 3, H, W) through JPEG at `quality` and back, as write_jpeg_copy's copy holds them."""
-    return torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
 
 
 def plot_qualities(data, qualities, path, per_row=8):
@@ -84,6 +114,8 @@ def main():
     p.add_argument("--quality", required=True, help="JPEG quality of the re-encoded copy (1-100); "
                    "with --figure, several, comma-separated")
     p.add_argument("--out", help="JSON-lines file the run's record is appended to")
+    p.add_argument("--shift", type=int, default=0, help="move JPEG's block grid by this many pixels (0-7) "
+                   "against the copy's, so --quality 75 is one more pass of the copy's own compression")
     p.add_argument("--norm", default="bn", choices=sorted(utils.NORMS))
     p.add_argument("--seed", type=int, default=1, help="1: the notebook's own run")
     p.add_argument("--figure", default=None, metavar="PNG", help="only draw test images at the copy's and "
@@ -100,18 +132,20 @@ def main():
         p.error("a training run needs --out and one --quality (several only with --figure)")
     quality, = qualities
     source = utils.load_cifar10(a.data)
-    copy = write_jpeg_copy(source, Path("data") / f"cifar10-reencoded-q{quality}.tar.gz", quality)
+    name = f"cifar10-reencoded-q{quality}" + (f"-shift{a.shift}" if a.shift else "")
+    copy = write_jpeg_copy(source, Path("data") / f"{name}.tar.gz", quality, a.shift)
     reencoded = utils.load_cifar10(copy)
     change = (reencoded.train_images.float() - source.train_images.float()).abs().mean().item()
     print(f"{copy}: {copy.stat().st_size / 2**20:.1f} MiB, mean absolute change {change:.2f} levels", flush=True)
     spec, = notebook_runs([a.seed], (a.norm,))
     start = time.time()
     record = run_one(spec, str(copy), utils.pick_device(), threads=os.cpu_count() or 1, progress=True)
-    record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {quality}",
-                  jpeg_quality=quality, mean_abs_change=round(change, 3))
+    moved = f", block grid moved {a.shift} px" if a.shift else ""
+    record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {quality}{moved}",
+                  jpeg_quality=quality, jpeg_shift=a.shift, mean_abs_change=round(change, 3))
     with open(a.out, "a") as out:
         out.write(json.dumps(record) + "\n")
-    print(a.norm, "seed", a.seed, "quality", quality, "->", record["final"], f"({time.time() - start:.0f} s)")
+    print(a.norm, "seed", a.seed, "quality", quality, "shift", a.shift, "->", record["final"], f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

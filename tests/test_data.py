@@ -167,17 +167,29 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path, load_
         # the figure's re-encoding shows exactly what the training copy holds
         assert torch.equal(jpeg_quality.reencode(source.train_images, q), data.train_images)
     assert 0 < change[95] < change[25]
+    # a moved block grid: the copy holds exactly what reencode gives (stored losslessly), in order
+    moved = utils.load_cifar10(jpeg_quality.write_jpeg_copy(source, tmp_path / "q75-shift4.tar.gz", 75, shift=4),
+                               data_dir=tmp_path / "data-shift")
+    assert torch.equal(moved.train_images, jpeg_quality.reencode(source.train_images, 75, shift=4))
+    assert torch.equal(moved.test_labels, source.test_labels)
+    assert moved.train_images.shape == source.train_images.shape
     with pytest.raises(ValueError, match="quality"):
         jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)
+    with pytest.raises(ValueError, match="0 to 7"):
+        jpeg_quality.reencode(source.train_images, 75, shift=8)
 
 
 def test_jpeg_copy_is_libjpeg_at_quality_75(cifar, load_benchmark):
     """Re-encoding the shared copy at its own quality all but reproduces it, while quality 50 moves it
     by several levels: so the diagnostic's lower qualities measure JPEG's added loss, not an artefact
-    of encoding twice. (Only true for a quality-75 JPEG copy; other sources skip.)"""
+    of encoding twice. Moving the block grid makes quality 75 change it again, by less than quality 50.
+    (Only true for a quality-75 JPEG copy; other sources skip.)"""
     if "jpeg" not in cifar.source:
         pytest.skip(f"{cifar.source} is not the JPEG copy")
     jpeg_quality = load_benchmark("jpeg_quality")
     images = cifar.train_images[::50]
     change = {q: (jpeg_quality.reencode(images, q).float() - images.float()).abs().mean().item() for q in (75, 50)}
     assert change[75] < 0.5 and change[50] > 10 * change[75], change
+    # with the block grid moved, the copy's own quality bites again: the stand-in for the first encoding
+    moved = (jpeg_quality.reencode(images, 75, shift=4).float() - images.float()).abs().mean().item()
+    assert 10 * change[75] < moved < change[50], (moved, change)

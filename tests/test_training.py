@@ -652,20 +652,23 @@ def test_jpeg_table_compares_each_run_with_the_same_seed_on_the_copy():
     seed_runs = [dict(name="notebook", norm="bn", seed=2, device="CPU (2 threads)", notebook_recipe=recipe,
                       final=84.0)]
 
-    def run(quality, final, seed=1, device="CPU (2 threads)", notebook_recipe=recipe):
+    def run(quality, final, seed=1, device="CPU (2 threads)", notebook_recipe=recipe, **shift):
         return dict(name="notebook", norm="bn", seed=seed, device=device, notebook_recipe=notebook_recipe,
-                    final=final, train_final=84.0, jpeg_quality=quality, mean_abs_change=6.944)
+                    final=final, train_final=84.0, jpeg_quality=quality, mean_abs_change=6.944, **shift)
     runs = [run(25, 81.0), run(50, 83.25), run(50, 82.0, seed=2), run(50, 90.0, seed=3),
+            run(75, 82.5, jpeg_shift=4), run(75, 83.0, jpeg_shift=0),
             run(50, 90.0, device="NVIDIA H200"), run(50, 90.0, notebook_recipe=other), run(10, 0.0)]
     del runs[-1]["final"]                                   # a run that failed
     rows = utils.jpeg_table([record], runs, seed_runs).splitlines()[2:]
     assert rows == [
-        "| BatchNorm | 50 | 1 | 6.94 levels of 255 | 84.00% | 83.25% | 83.50% | **-0.25** |",
-        "| BatchNorm | 50 | 2 | 6.94 levels of 255 | 84.00% | 82.00% | 84.00% | **-2.00** |",
-        "| BatchNorm | 50 | mean of 2 | | | | | **-1.12** |",
-        "| BatchNorm | 25 | 1 | 6.94 levels of 255 | 84.00% | 81.00% | 83.50% | **-2.50** |"]
+        "| BatchNorm | quality 75 | 1 | 6.94 levels of 255 | 84.00% | 83.00% | 83.50% | **-0.50** |",
+        "| BatchNorm | quality 75, block grid moved 4 px | 1 | 6.94 levels of 255 | 84.00% | 82.50% | 83.50% | **-1.00** |",
+        "| BatchNorm | quality 50 | 1 | 6.94 levels of 255 | 84.00% | 83.25% | 83.50% | **-0.25** |",
+        "| BatchNorm | quality 50 | 2 | 6.94 levels of 255 | 84.00% | 82.00% | 84.00% | **-2.00** |",
+        "| BatchNorm | quality 50 | mean of 2 | | | | | **-1.12** |",
+        "| BatchNorm | quality 25 | 1 | 6.94 levels of 255 | 84.00% | 81.00% | 83.50% | **-2.50** |"]
     # without the seed runs, seed 2 has nothing on the copy to be compared with
-    assert len(utils.jpeg_table([record], runs).splitlines()) == 4
+    assert len(utils.jpeg_table([record], runs).splitlines()) == 6
 
 
 def small_loader(n=96, batch_size=32, seed=0):
