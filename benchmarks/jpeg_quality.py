@@ -46,15 +46,20 @@ import utils  # noqa: E402
 from sweep import notebook_runs, run_one  # noqa: E402
 
 
+def check_encoding(quality, shift):
+    """A clear error for a JPEG quality or block-grid shift that does not exist."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
+    if not 0 <= shift <= 7:
+        raise ValueError(f"shift={shift}: move the 8x8 block grid by 0 to 7 pixels (8 is the grid again)")
+
+
 def reencode(images, quality, shift=0):
     """uint8 images (N, 3, H, W) through JPEG at `quality` and back (torchvision's encoder: libjpeg,
     4:2:0 chroma subsampling). shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8
     blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
     the decoded images back to (H, W)."""
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
-    if not 0 <= shift <= 7:
-        raise ValueError(f"shift={shift}: move the 8x8 block grid by 0 to 7 pixels (8 is the grid again)")
+    check_encoding(quality, shift)
     if shift:
         # replicate padding runs on floats; the padded pixels are copies of uint8 ones, so exact
         images = F.pad(images.float(), (shift,) * 4, mode="replicate").to(torch.uint8)
@@ -69,8 +74,7 @@ def write_jpeg_copy(data, path, quality, shift=0, batch=1000):
     PNG file (lossless, so the pixels are exactly reencode's). Files are named by their index within their class, so utils.load_cifar10 reads
     them back in `data`'s order where `data` is grouped by class, as every ImageFolder copy loads
     (torchvision's pickles are not: their copy comes back sorted by class)."""
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality}: JPEG quality runs from 1 (smallest files) to 100")
+    check_encoding(quality, shift)      # before a half-written archive could be left behind
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -96,16 +100,18 @@ def write_jpeg_copy(data, path, quality, shift=0, batch=1000):
     return path
 
 
-def plot_qualities(data, qualities, path, per_row=8):
+def plot_qualities(data, qualities, path, shift=0, per_row=8):
     """The same test images (one per class, the first 8 classes) as the copy holds them, then
-    re-encoded at each of `qualities`: one row each."""
+    re-encoded at each of `qualities` (with the block grid moved by `shift`): one row each."""
     first = [int((data.test_labels == c).nonzero()[0]) for c in range(per_row)]
     images = data.test_images[first]
-    rows = [images] + [reencode(images, q) for q in qualities]
-    captions = [f"{data.classes[c]}, {name}" for name in ["copy"] + [f"q{q}" for q in qualities]
+    rows = [images] + [reencode(images, q, shift) for q in qualities]
+    moved = f" +{shift}px" if shift else ""
+    captions = [f"{data.classes[c]}, {name}" for name in ["copy"] + [f"q{q}{moved}" for q in qualities]
                 for c in range(per_row)]
     return utils.show_images(torch.cat(rows), captions=captions, nrows=len(rows), ncols=per_row, path=path,
-                             title="The JPEG copy (quality 75), then re-encoded at lower qualities")
+                             title="The JPEG copy (quality 75), then re-encoded"
+                             + (f" with the block grid moved {shift} px" if shift else " at lower qualities"))
 
 
 def main():
@@ -119,18 +125,22 @@ def main():
     p.add_argument("--norm", default="bn", choices=sorted(utils.NORMS))
     p.add_argument("--seed", type=int, default=1, help="1: the notebook's own run")
     p.add_argument("--figure", default=None, metavar="PNG", help="only draw test images at the copy's and "
-                   "lower qualities (--quality, comma-separated) into PNG, and train nothing")
+                   "lower qualities (--quality, comma-separated; --shift moves their block grid) into PNG, and train nothing")
     a = p.parse_args()
     try:
         qualities = [int(q) for q in a.quality.split(",")]
     except ValueError:
         p.error(f"--quality {a.quality!r}: give whole numbers from 1 to 100, e.g. 50 (or 50,25 with --figure)")
     if a.figure:
-        plot_qualities(utils.load_cifar10(a.data), qualities, a.figure)
+        plot_qualities(utils.load_cifar10(a.data), qualities, a.figure, a.shift)
         return
     if not a.out or len(qualities) != 1:
         p.error("a training run needs --out and one --quality (several only with --figure)")
     quality, = qualities
+    try:
+        check_encoding(quality, a.shift)
+    except ValueError as e:
+        p.error(str(e))
     source = utils.load_cifar10(a.data)
     name = f"cifar10-reencoded-q{quality}" + (f"-shift{a.shift}" if a.shift else "")
     copy = write_jpeg_copy(source, Path("data") / f"{name}.tar.gz", quality, a.shift)

@@ -177,6 +177,9 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path, load_
         jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 0)
     with pytest.raises(ValueError, match="0 to 7"):
         jpeg_quality.reencode(source.train_images, 75, shift=8)
+    with pytest.raises(ValueError, match="0 to 7"):
+        jpeg_quality.write_jpeg_copy(source, tmp_path / "bad.tar.gz", 75, shift=-1)
+    assert not list(tmp_path.glob("bad.tar.gz*"))          # nothing half-written left behind
 
 
 def test_jpeg_copy_is_libjpeg_at_quality_75(cifar, load_benchmark):
