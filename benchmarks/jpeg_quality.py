@@ -60,20 +60,21 @@ def reencode(images, quality, shift=0):
     blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
     the decoded images back to (H, W)."""
     check_encoding(quality, shift)
+    h, w = images.shape[-2:]
     if shift:
         # replicate padding runs on floats; the padded pixels are copies of uint8 ones, so exact
         images = F.pad(images.float(), (shift,) * 4, mode="replicate").to(torch.uint8)
     decoded = torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
-    h, w = decoded.shape[-2] - 2 * shift, decoded.shape[-1] - 2 * shift
     return decoded[..., shift:shift + h, shift:shift + w].contiguous()
 
 
 def write_jpeg_copy(data, path, quality, shift=0, batch=1000):
     """Write `data` (a utils.CIFAR10) as an ImageFolder .tar.gz, each image as reencode(image, quality,
     shift) holds it: at shift 0 the encoder's own JPEG file, else the decoded and cropped result as a
-    PNG file (lossless, so the pixels are exactly reencode's). Files are named by their index within their class, so utils.load_cifar10 reads
-    them back in `data`'s order where `data` is grouped by class, as every ImageFolder copy loads
-    (torchvision's pickles are not: their copy comes back sorted by class)."""
+    PNG file (lossless, so the pixels are exactly reencode's). Files are named by their index within
+    their class, so utils.load_cifar10 reads them back in `data`'s order where `data` is grouped by
+    class, as every ImageFolder copy loads (torchvision's pickles are not: their copy comes back
+    sorted by class)."""
     check_encoding(quality, shift)      # before a half-written archive could be left behind
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,8 @@ def main():
     p.add_argument("--norm", default="bn", choices=sorted(utils.NORMS))
     p.add_argument("--seed", type=int, default=1, help="1: the notebook's own run")
     p.add_argument("--figure", default=None, metavar="PNG", help="only draw test images at the copy's and "
-                   "lower qualities (--quality, comma-separated; --shift moves their block grid) into PNG, and train nothing")
+                   "lower qualities (--quality, comma-separated; --shift moves their block grid) into PNG, "
+                   "and train nothing")
     a = p.parse_args()
     try:
         qualities = [int(q) for q in a.quality.split(",")]
@@ -155,7 +157,8 @@ def main():
                   jpeg_quality=quality, jpeg_shift=a.shift, mean_abs_change=round(change, 3))
     with open(a.out, "a") as out:
         out.write(json.dumps(record) + "\n")
-    print(a.norm, "seed", a.seed, "quality", quality, "shift", a.shift, "->", record["final"], f"({time.time() - start:.0f} s)")
+    print(a.norm, "seed", a.seed, "quality", quality, "shift", a.shift, "->", record["final"],
+          f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
