@@ -671,6 +671,21 @@ def test_jpeg_table_compares_each_run_with_the_same_seed_on_the_copy():
     assert len(utils.jpeg_table([record], runs).splitlines()) == 6
 
 
+def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accuracy():
+    """The README's JPEG block is what jpeg_table writes from the committed records, and its prose
+    ("cost ... accuracy in every seed run", "LayerNorm and GroupNorm ... too") holds for them: every
+    re-encoded run, of every norm, ended below the run on the copy with its seed."""
+    root = utils.Path(__file__).resolve().parent.parent
+    results = root / "doc" / "results"
+    records = [utils.load_results(results / f"{n}.json") for n in ("bn", "ln", "gn")]
+    table = utils.jpeg_table(records, utils._read_jsonl(results / "jpeg-quality.jsonl"), utils.read_trials(results))
+    assert table in (root / "README.md").read_text()
+    rows = [row.split(" | ") for row in table.splitlines()[2:]]
+    assert {row[0].lstrip("| ") for row in rows if "moved 4 px" in row[1]} == {"BatchNorm", "LayerNorm", "GroupNorm"}
+    for row in rows:
+        assert row[-1].startswith("**-"), row
+
+
 def small_loader(n=96, batch_size=32, seed=0):
     """Random images with random labels, batch 32: enough for a few optimizer steps."""
     g = torch.Generator().manual_seed(seed)
