@@ -10,6 +10,14 @@ from torch import nn
 import utils
 from model import Net
 
+ROOT = utils.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "doc" / "results"
+
+
+def committed_records():
+    """The executed notebooks' results files, in the README's order (BatchNorm, LayerNorm, GroupNorm)."""
+    return [utils.load_results(RESULTS / f"{n}.json") for n in ("bn", "ln", "gn")]
+
 
 def test_loader_batches_labels_and_determinism(images):
     labels = torch.arange(20)
@@ -193,9 +201,8 @@ def test_plot_fit_vs_test_takes_the_norms_runs_on_its_machine(tmp_path):
 
 def test_readme_table_matches_results_files():
     """The README's results block is what render_report writes from doc/results/*.json."""
-    root = utils.Path(__file__).resolve().parent.parent
-    records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
-    readme = (root / "README.md").read_text()
+    records = committed_records()
+    readme = (ROOT / "README.md").read_text()
     assert utils.results_table(records) in readme
     for r in records:
         assert r["params"] < 50000 and len(r["history"]) <= 20
@@ -417,10 +424,7 @@ def test_headline_table_gives_each_notebook_its_run_mean_and_verdict():
     assert rows[3] == ("| [S8_LayerNorm.ipynb](S8_LayerNorm.ipynb) | LayerNorm | separable-ws | **80.00%** | "
                        "- | 81.0% | no | CPU (2 threads) |")
     # the README opens with exactly what render_report writes from the results files
-    root = utils.Path(__file__).resolve().parent.parent
-    records = [utils.load_results(root / "doc" / "results" / f"{n}.json") for n in ("bn", "ln", "gn")]
-    trials = utils.read_trials(root / "doc" / "results")
-    assert utils.headline_table(records, trials) in (root / "README.md").read_text()
+    assert utils.headline_table(committed_records(), utils.read_trials(RESULTS)) in (ROOT / "README.md").read_text()
 
 
 def test_seeds_keep_cpu_and_gpu_runs_apart():
@@ -675,11 +679,9 @@ def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accurac
     """The README's JPEG block is what jpeg_table writes from the committed records, and its prose
     ("cost ... accuracy in every seed run", "LayerNorm and GroupNorm ... too") holds for them: every
     re-encoded run, of every norm, ended below the run on the copy with its seed."""
-    root = utils.Path(__file__).resolve().parent.parent
-    results = root / "doc" / "results"
-    records = [utils.load_results(results / f"{n}.json") for n in ("bn", "ln", "gn")]
-    table = utils.jpeg_table(records, utils._read_jsonl(results / "jpeg-quality.jsonl"), utils.read_trials(results))
-    assert table in (root / "README.md").read_text()
+    table = utils.jpeg_table(committed_records(), utils._read_jsonl(RESULTS / "jpeg-quality.jsonl"),
+                             utils.read_trials(RESULTS))
+    assert table in (ROOT / "README.md").read_text()
     rows = [row.split(" | ") for row in table.splitlines()[2:]]
     assert {row[0].lstrip("| ") for row in rows if "moved 4 px" in row[1]} == {"BatchNorm", "LayerNorm", "GroupNorm"}
     for row in rows:
