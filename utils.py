@@ -1076,80 +1076,140 @@ def trials_table(runs, records=()):
 def _as_run(record):
     """An earlier notebook record in the shape of a sweep run of its recipe."""
     return dict(name="notebook", norm=record["norm"], seed=record.get("seed", 1), device=record.get("device", ""),
-                notebook_recipe=record.get("recipe"), final=record["history"][-1]["test_acc"])
+                notebook_recipe=record.get("recipe"), final=record["history"][-1]["test_acc"],
+                train_final=record["history"][-1].get("train_acc"), history=record["history"])
+
+
+def _rebased(current, bases, recipe, norm):
+    """(index of a base or None, diff): a notebook-path run's recipe as a change to the nearest of the
+    current notebook recipe (None) and `bases` (earlier notebook recipes): the one it differs from in
+    the fewest fields, the current recipe on a tie. A run of a base itself reads as that base's change
+    to the current recipe, so earlier notebook recipes stay changes to today's."""
+    own = tuple(_recipe_diff(current, recipe, norm))
+    diffs = [tuple(_recipe_diff(b, recipe, norm)) for b in bases]
+    if not own or () in diffs:
+        return None, own
+    best = min(range(len(bases)), key=lambda i: len(diffs[i]), default=None)
+    return (best, diffs[best]) if best is not None and len(diffs[best]) < len(own) else (None, own)
+
+
+def _earlier_recipes(record, earlier):
+    """(recipe, name) of each recipe a norm's notebook trained before its current one (`earlier`
+    notebook records; the name is the record's folder under doc/results/earlier/, where it has one),
+    newest first, each once, the current recipe left out."""
+    out = []
+    for e in reversed(list(earlier)):
+        if (e["norm"] == record["norm"] and e.get("recipe")
+                and not _same_recipe(e["recipe"], record.get("recipe"), record["norm"])
+                and not any(_same_recipe(e["recipe"], b, record["norm"]) for b, _ in out)):
+            out.append((e["recipe"], e.get("folder")))
+    return out
 
 
 def tuning_table(runs, records, earlier=()):
-    """Changes to the current notebook recipes, each one's mean over its seeds against the nearest
-    recipe measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a
-    comparison never crosses machines): of the measured recipes that make only some of the row's
-    changes (the unchanged recipe makes none), the one that makes the most. So a run from before
-    the notebook's recipe changed compares with the recipe it changed, which the last column
-    names. The unchanged recipe's seeds on the notebook's own machine include the notebook run;
-    `earlier` notebook records count as runs of their recipe. A recipe has one accuracy per seed
-    and machine (a sweep run that repeats an earlier notebook run is not counted twice)."""
-    rows = ["| norm | measured on | change to the notebook's recipe | seeds | mean | against the nearest measured recipe |",
-            "|---|---|---|---|---|---|"]
+    """Changes to the notebook recipes, each one's mean over its seeds against the nearest recipe
+    measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a comparison
+    never crosses machines). A run is named by its change to the recipe it is nearest to: the
+    current notebook recipe or, for a trial from before that recipe changed, the earlier notebook
+    recipe it changed (the "changed from" column names it by its own change to today's recipe, its
+    row just above; `earlier` notebook records count as runs of their recipe). Against: of the
+    measured recipes that make only some of the row's changes (the recipe it changed makes none),
+    the one that makes the most. The unchanged recipe's seeds on the notebook's own machine include
+    the notebook run. A recipe has one accuracy per seed and machine (a sweep run that repeats an
+    earlier notebook run is not counted twice)."""
+    rows = ["| norm | measured on | changed from | change | seeds | mean | against the nearest measured recipe |",
+            "|---|---|---|---|---|---|---|"]
+    everything = list(runs) + [_as_run(e) for e in earlier if e.get("recipe")]
     for r in records:
-        groups = {}
-        for x in list(runs) + [_as_run(e) for e in earlier if e.get("recipe")]:
-            if (x["norm"] == r["norm"] and x.get("name", "").startswith("notebook") and x.get("notebook_recipe")
-                    and "final" in x and machine(x)):
-                diff = tuple(_recipe_diff(r.get("recipe"), x["notebook_recipe"], r["norm"]))
-                if diff:
-                    groups.setdefault((machine(x), diff), {}).setdefault(x["seed"], x["final"])
+        norm, current = r["norm"], r.get("recipe")
+        mine = [x for x in everything if x["norm"] == norm and x.get("name", "").startswith("notebook")
+                and x.get("notebook_recipe") and "final" in x and machine(x)]
         for on in ("CPU", "GPU"):
-            measured = {diff: list(accs.values()) for (m, diff), accs in groups.items() if m == on}
-            if not measured:
+            here = [x for x in mine if machine(x) == on]
+            # an earlier recipe is a base on this machine only where it was measured here itself
+            named = [(b, name) for b, name in _earlier_recipes(r, earlier)
+                     if any(_same_recipe(x["notebook_recipe"], b, norm) for x in here)]
+            bases = [b for b, _ in named]
+            groups = {}
+            for x in here:
+                base, diff = _rebased(current, bases, x["notebook_recipe"], norm)
+                if base is not None or diff:
+                    groups.setdefault((base, diff), {}).setdefault(x["seed"], x["final"])
+            own = list(_seed_accuracies(r, runs, on=on).values())
+            if own:
+                groups[(None, ())] = dict(enumerate(own))
+            if not groups:
                 continue
-            base = list(_seed_accuracies(r, runs, on=on).values())
-            if base:
-                measured[()] = base
+            base_diff = [tuple(_recipe_diff(current, b, norm)) for b in bases]
 
             def label(diff):
                 return _describe(diff) or "none (the notebook's recipe)"
-            for diff in sorted(measured, key=lambda d: (d != (), label(d))):
-                accs = measured[diff]
+
+            def name(i):    # an earlier recipe by its folder's name, else by its change to today's
+                return f"its earlier recipe `{named[i][1]}`" if named[i][1] else label(base_diff[i])
+
+            def emit(base, diff, measured, changed_from, own=""):
+                accs = list(measured[diff].values()) if base is None else list(groups[(base, diff)].values())
                 spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
-                nearer = [d for d in measured if set(d) < set(diff)]
-                if not diff:
+                pool = {d: list(v.values()) for (b, d), v in groups.items() if b == base}
+                if base is not None:         # the recipe it changed: that recipe's own runs
+                    pool[()] = list(groups[(None, base_diff[base])].values())
+                nearer = [d for d in pool if set(d) < set(diff)]
+                if base is None and not diff:
                     delta = "-"
                 elif not nearer:
                     delta = "no run of a recipe it changes"
                 else:
                     near = max(nearer, key=len)
-                    delta = f"**{_signed(np.mean(accs) - np.mean(measured[near]))}**"
+                    delta = f"**{_signed(np.mean(accs) - np.mean(pool[near]))}**"
                     if near:
                         delta += f" against {label(near)}"
-                rows.append(f"| {NORMS[r['norm']]} | {on} | {label(diff)} | {len(accs)} | "
+                rows.append(f"| {NORMS[norm]} | {on} | {changed_from} | {label(diff)}{own} | {len(accs)} | "
                             f"{np.mean(accs):.2f}{spread}% | {delta} |")
+
+            measured = {d: v for (b, d), v in groups.items() if b is None}
+            for diff in sorted(measured, key=lambda d: (d != (), label(d))):
+                was = [i for i, d in enumerate(base_diff) if d == diff]
+                emit(None, diff, measured, "-" if not diff else "the notebook's recipe",
+                     f" ({name(was[0])})" if was and named[was[0]][1] else "")
+                for i in was:   # the trials that changed this earlier recipe, just below it
+                    for kid in sorted((k for b, k in groups if b == i), key=label):
+                        emit(i, kid, measured, name(i))
     return "\n".join(rows)
 
 
-def jpeg_table(records, jpeg_runs, runs=()):
+def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
     """The data diagnostic (benchmarks/jpeg_quality.py): each run of a notebook's recipe on the copy
     re-encoded at a lower JPEG quality, or at its own quality with the block grid moved, against the
     run of the same recipe, seed and kind of machine on the copy as it is (the notebook's own run for
     seed 1, else a seed run from `runs`), from which it differs only in the pixels; per re-encoding
-    with several seeds, the mean change."""
+    with several seeds, the mean change. Runs of a recipe the notebook had before (`earlier`
+    records) compare with that recipe's runs and say which recipe it was."""
     rows = ["| norm | JPEG re-encoding | seed | mean change per pixel | final train acc | final test acc | "
             "the copy, same seed | change |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        on_copy = _seed_accuracies(r, runs)
-        same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
-                       and x.get("seed") in on_copy and machine(x) == machine(r) and _same_notebook_recipe(x, r)),
-                      key=lambda x: (-x["jpeg_quality"], x.get("jpeg_shift", 0), x["seed"]))
-        for quality, shift in dict.fromkeys((x["jpeg_quality"], x.get("jpeg_shift", 0)) for x in same):
-            how = f"quality {quality}" + (f", block grid moved {shift} px" if shift else "")
-            changes = []
-            for x in (x for x in same if (x["jpeg_quality"], x.get("jpeg_shift", 0)) == (quality, shift)):
-                changes.append(x["final"] - on_copy[x["seed"]])
-                rows.append(f"| {NORMS[r['norm']]} | {how} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
-                            f"of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | {on_copy[x['seed']]:.2f}% | "
-                            f"**{_signed(changes[-1])}** |")
-            if len(changes) > 1:
-                rows.append(f"| {NORMS[r['norm']]} | {how} | mean of {len(changes)} | | | | | "
-                            f"**{_signed(np.mean(changes))}** |")
+        recipes = [(r, NORMS[r["norm"]])] + [
+            (e, f"{NORMS[r['norm']]} (its earlier recipe `{name}`)" if name else NORMS[r["norm"]])
+            for e, name in ((e, e.get("folder")) for e in reversed(list(earlier)))
+            if e["norm"] == r["norm"] and e.get("recipe")]
+        for i, (rec, who) in enumerate(recipes):
+            if any(_same_recipe(rec.get("recipe"), o.get("recipe"), r["norm"]) for o, _ in recipes[:i]):
+                continue                     # a recipe re-run as a later notebook: its newest record holds it
+            on_copy = _seed_accuracies(rec, runs)
+            same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x and x.get("seed") in on_copy
+                           and machine(x) == machine(rec) and _same_notebook_recipe(x, rec)),
+                          key=lambda x: (-x["jpeg_quality"], x.get("jpeg_shift", 0), x["seed"]))
+            for quality, shift in dict.fromkeys((x["jpeg_quality"], x.get("jpeg_shift", 0)) for x in same):
+                how = f"quality {quality}" + (f", block grid moved {shift} px" if shift else "")
+                changes = []
+                for x in (x for x in same if (x["jpeg_quality"], x.get("jpeg_shift", 0)) == (quality, shift)):
+                    changes.append(x["final"] - on_copy[x["seed"]])
+                    rows.append(f"| {who} | {how} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
+                                f"of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | {on_copy[x['seed']]:.2f}% | "
+                                f"**{_signed(changes[-1])}** |")
+                if len(changes) > 1:
+                    rows.append(f"| {who} | {how} | mean of {len(changes)} | | | | | "
+                                f"**{_signed(np.mean(changes))}** |")
     return "\n".join(rows)
 
 
@@ -1209,16 +1269,17 @@ def render_report(root="."):
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = read_trials(results_dir)
-    for r in records:
-        if r["norm"] == "bn":      # the norm still short of its target, with the most trials
-            plot_fit_vs_test(r, runs, TARGETS["bn"], path=root / "doc" / "bn_fit_vs_test.png")
     # earlier notebook runs, oldest first (doc/results/earlier/<n>-<label>/<norm>.json); one that
     # trained the current recipe is the current run itself
     current = {r["norm"]: r.get("recipe") for r in records}
     folders = sorted(p for p in results_dir.glob("earlier/*") if p.is_dir())
-    by_folder = [[r for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
+    by_folder = [[dict(r, folder=f.name)
+                  for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
                   if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
     earlier = [r for group in by_folder for r in group]
+    for r in records:
+        if r["norm"] == "bn":      # the norm still short of its target, with the most trials
+            plot_fit_vs_test(r, runs, TARGETS["bn"], path=root / "doc" / "bn_fit_vs_test.png", earlier=earlier)
     trials = trials_table(runs, records)
     _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
         "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
@@ -1247,7 +1308,8 @@ def render_report(root="."):
     text = _replace_block(text, "effects", effect_table(
         records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
-    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl"), runs))
+    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl"), runs,
+                                                  earlier))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     lr_range = results_dir / "lr-range.json"
     if lr_range.exists():
@@ -1363,34 +1425,60 @@ def plot_lr_range(records, path=None):
     return _finish(fig, path)
 
 
-def plot_fit_vs_test(record, runs, target=None, path=None):
+def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     """Final train accuracy against final test accuracy of every full run of one norm through the
     notebooks' code path on the notebook record's kind of machine: the notebook's recipe (its run and
-    seeds) and each recipe that changes it, labelled by the change. Where the points spread along
-    train accuracy and not along test accuracy, the changes moved how well the network fits its
-    training set and not how well it generalises."""
+    seeds) and each recipe that changes it, labelled by the change. A trial nearer an earlier
+    notebook recipe (`earlier` records, whose own runs count too) is labelled by its change to that
+    one, "on" its number, as in tuning_table. Where the points spread along train accuracy and not
+    along test accuracy, the changes moved how well the network fits its training set and not how
+    well it generalises."""
     plt = _plt()
     norm, own, epochs = record["norm"], machine(record), len(record["history"])
-    points = [(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm), x["seed"], x["train_final"], x["final"])
-              for x in runs if x.get("name") == "notebook" and x["norm"] == norm and "final" in x
-              and x.get("notebook_recipe") and machine(x) == own and len(x.get("history", ())) == epochs]
-    if not points:
+    def full(x):
+        return (x.get("name") == "notebook" and x["norm"] == norm and "final" in x and x.get("notebook_recipe")
+                and machine(x) == own and len(x.get("history", ())) == epochs)
+
+    def run_of(x):
+        return tuple(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm)), x["seed"]
+    pool = [x for x in runs if full(x)]
+    swept = {run_of(x) for x in pool}
+    # an earlier notebook run counts where no sweep run repeats it (same recipe and seed)
+    pool += [x for x in map(_as_run, (e for e in earlier if e.get("recipe"))) if full(x) and run_of(x) not in swept]
+    if not pool:
         raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
+    bases = [b for b, _ in _earlier_recipes(record, earlier)
+             if any(_same_recipe(x["notebook_recipe"], b, norm) for x in pool)]
+    points = [(*_rebased(record.get("recipe"), bases, x["notebook_recipe"], norm), x["seed"], x["train_final"],
+               x["final"]) for x in pool]
     fig, ax = plt.subplots(figsize=(11, 5.5))
     # a sweep run of the notebook's own recipe and seed repeats the notebook run: drawn once (as tuning_table)
-    mine = [(a, b) for diff, seed, a, b in points if not diff and seed != record.get("seed", 1)]
+    mine = [(a, b) for base, diff, seed, a, b in points
+            if base is None and not diff and seed != record.get("seed", 1)]
     last = record["history"][-1]
     mine.append((last["train_acc"], last["test_acc"]))
     ax.plot(*zip(*mine), "o", ms=8, color="C0", label="the notebook's recipe (its run and seeds)")
-    changed = [(_describe(diff).replace(" → ", "→"), a, b) for diff, _, a, b in points if diff]
+
+    def text(diff):
+        return _describe(diff).replace(" → ", "→")
+    changed = [(base, diff, a, b) for base, diff, _, a, b in points if base is not None or diff]
     if changed:
-        ax.plot([a for _, a, _ in changed], [b for _, _, b in changed], "s", ms=6, color="C1",
+        ax.plot([a for *_, a, _ in changed], [b for *_, b in changed], "s", ms=6, color="C1",
                 label="a change to it (numbered, key on the right)")
-    # the labels are numbers with a key beside the axes: the runs crowd at similar accuracies
-    key = {label: i for i, label in enumerate(sorted({label for label, _, _ in changed}), 1)}
-    for label, a, b in changed:
-        ax.annotate(str(key[label]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
-    ax.text(1.02, 1.0, "\n".join(f"{i:>2}  {label}" for label, i in key.items()), transform=ax.transAxes,
+    # the labels are numbers with a key beside the axes: the runs crowd at similar accuracies; the
+    # trials that changed an earlier recipe follow that recipe's own number
+    key, lines = {}, []
+    base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
+    for diff in sorted({d for base, d, *_ in changed if base is None}, key=text):
+        key[None, diff] = len(key) + 1
+        lines.append(f"{key[None, diff]:>2}  {text(diff)}")
+        for i in (i for i, d in enumerate(base_diff) if d == diff):
+            for kid in sorted({d for base, d, *_ in changed if base == i}, key=text):
+                key[i, kid] = len(key) + 1
+                lines.append(f"{key[i, kid]:>2}  on {key[None, diff]}: {text(kid)}")
+    for base, diff, a, b in changed:
+        ax.annotate(str(key[base, diff]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.text(1.02, 1.0, "\n".join(lines), transform=ax.transAxes,
             va="top", ha="left", fontsize=8, family="monospace")
     if target is not None:
         ax.axhline(target, color="C3", ls="--", lw=1, label=f"target {target:g}%")

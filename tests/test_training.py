@@ -483,24 +483,24 @@ def test_tuning_table_compares_each_change_on_its_own_machine_with_the_nearest_r
             run(1, 84.5, "NVIDIA H200", lr=0.1), run(2, 84.5, "NVIDIA H200", lr=0.1)]
     rows = utils.tuning_table(runs, [record]).splitlines()[2:]
     assert rows == [
-        "| GroupNorm | CPU | none (the notebook's recipe) | 2 | 82.00 ± 1.41% | - |",
-        "| GroupNorm | CPU | lr 0.05 → 0.1 | 1 | 81.50% | **-0.50** |",
-        "| GroupNorm | GPU | none (the notebook's recipe) | 2 | 85.00 ± 1.41% | - |",
-        "| GroupNorm | GPU | lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** |"]
+        "| GroupNorm | CPU | - | none (the notebook's recipe) | 2 | 82.00 ± 1.41% | - |",
+        "| GroupNorm | CPU | the notebook's recipe | lr 0.05 → 0.1 | 1 | 81.50% | **-0.50** |",
+        "| GroupNorm | GPU | - | none (the notebook's recipe) | 2 | 85.00 ± 1.41% | - |",
+        "| GroupNorm | GPU | the notebook's recipe | lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** |"]
     # after the notebook's recipe changes, old runs compare with the recipe they changed, not the new one
     newer = dict(record, recipe=utils.recipe_dict(replace(now, decay_norms=False)), history=[dict(test_acc=82.0)])
     rows = utils.tuning_table(runs, [newer]).splitlines()[2:]
     assert rows == [
-        "| GroupNorm | CPU | none (the notebook's recipe) | 1 | 82.00% | - |",
-        "| GroupNorm | CPU | decay_norms False → True | 1 | 83.00% | **+1.00** |",
-        "| GroupNorm | CPU | decay_norms False → True, lr 0.05 → 0.1 | 1 | 81.50% | **-1.50** against decay_norms False → True |",
-        "| GroupNorm | GPU | decay_norms False → True | 2 | 85.00 ± 1.41% | no run of a recipe it changes |",
-        "| GroupNorm | GPU | decay_norms False → True, lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** against decay_norms False → True |"]
+        "| GroupNorm | CPU | - | none (the notebook's recipe) | 1 | 82.00% | - |",
+        "| GroupNorm | CPU | the notebook's recipe | decay_norms False → True | 1 | 83.00% | **+1.00** |",
+        "| GroupNorm | CPU | the notebook's recipe | decay_norms False → True, lr 0.05 → 0.1 | 1 | 81.50% | **-1.50** against decay_norms False → True |",
+        "| GroupNorm | GPU | the notebook's recipe | decay_norms False → True | 2 | 85.00 ± 1.41% | no run of a recipe it changes |",
+        "| GroupNorm | GPU | the notebook's recipe | decay_norms False → True, lr 0.05 → 0.1 | 2 | 84.50 ± 0.00% | **-0.50** against decay_norms False → True |"]
     # a change that lands level reads +0.00, though its mean is a hair below (83.745 against 83.7467)
     level = [run(2, 83.55, "CPU (2 threads)"), run(3, 84.12, "CPU (2 threads)"),
              run(2, 83.48, "CPU (2 threads)", lr=0.1), run(3, 84.01, "CPU (2 threads)", lr=0.1)]
     rows = utils.tuning_table(level, [dict(record, history=[dict(test_acc=83.57)])]).splitlines()[2:]
-    assert rows[1] == "| GroupNorm | CPU | lr 0.05 → 0.1 | 2 | 83.75 ± 0.37% | **+0.00** |"
+    assert rows[1] == "| GroupNorm | CPU | the notebook's recipe | lr 0.05 → 0.1 | 2 | 83.75 ± 0.37% | **+0.00** |"
     assert utils._signed(-0.26) == "-0.26" and utils._signed(0.004) == "+0.00"
 
 
@@ -517,11 +517,40 @@ def test_tuning_table_counts_earlier_notebook_runs_once_per_seed():
             dict(name="notebook", norm="bn", seed=1, final=81.0, device="CPU (2 threads)", notebook_recipe=old)]
     rows = utils.tuning_table(runs, [record], earlier=[notebook(1, 81.0)]).splitlines()[2:]
     assert rows == [
-        "| BatchNorm | CPU | none (the notebook's recipe) | 1 | 84.00% | - |",
-        "| BatchNorm | CPU | weight_decay 0.0005 → 0.001 | 2 | 81.50 ± 0.71% | **-2.50** |"]
+        "| BatchNorm | CPU | - | none (the notebook's recipe) | 1 | 84.00% | - |",
+        "| BatchNorm | CPU | the notebook's recipe | weight_decay 0.0005 → 0.001 | 2 | 81.50 ± 0.71% | **-2.50** |"]
     # without the sweep's copy of seed 1, the earlier notebook run alone supplies it
     rows = utils.tuning_table(runs[:1], [record], earlier=[notebook(1, 81.0)]).splitlines()[2:]
     assert rows[1].endswith("| 2 | 81.50 ± 0.71% | **-2.50** |")
+
+
+def test_tuning_table_names_a_trial_by_its_change_to_the_earlier_recipe_it_changed():
+    now = utils.Recipe()
+    old = dict(norm="gn", seed=1, device="CPU (2 threads)", recipe=utils.recipe_dict(now),
+               history=[dict(test_acc=81.0)], folder="5-decayed")
+    record = dict(old, recipe=utils.recipe_dict(replace(now, decay_norms=False, build="separable-ws")),
+                  history=[dict(test_acc=82.0)])
+    del record["folder"]
+
+    def run(seed, acc, device="CPU (2 threads)", **changes):
+        return dict(name="notebook", norm="gn", seed=seed, final=acc, device=device,
+                    notebook_recipe=utils.recipe_dict(replace(now, **changes)))
+    runs = [run(2, 83.0),                                  # the earlier recipe's seed 2: with the notebook, 81 and 83
+            run(1, 80.0, lr=0.1), run(2, 80.5, lr=0.1),    # two changes of the earlier recipe, one on top of the other
+            run(1, 79.0, lr=0.1, warmup=0.4),
+            run(1, 82.5, decay_norms=False),               # one field from either recipe: today's wins the tie
+            run(1, 85.0, "NVIDIA H200", lr=0.1)]           # the earlier recipe never ran on the GPU
+    rows = utils.tuning_table(runs, [record], earlier=[old]).splitlines()[2:]
+    assert rows == [
+        "| GroupNorm | CPU | - | none (the notebook's recipe) | 1 | 82.00% | - |",
+        "| GroupNorm | CPU | the notebook's recipe | build separable-ws → separable | 1 | 82.50% | **+0.50** |",
+        "| GroupNorm | CPU | the notebook's recipe | decay_norms False → True, build separable-ws → separable "
+        "(its earlier recipe `5-decayed`) | 2 | 82.00 ± 1.41% | **-0.50** against build separable-ws → separable |",
+        "| GroupNorm | CPU | its earlier recipe `5-decayed` | lr 0.05 → 0.1 | 2 | 80.25 ± 0.35% | **-1.75** |",
+        "| GroupNorm | CPU | its earlier recipe `5-decayed` | lr 0.05 → 0.1, warmup 0.25 → 0.4 | 1 | 79.00% "
+        "| **-1.25** against lr 0.05 → 0.1 |",
+        "| GroupNorm | GPU | the notebook's recipe | decay_norms False → True, build separable-ws → separable, "
+        "lr 0.05 → 0.1 | 1 | 85.00% | no run of a recipe it changes |"]
 
 
 def test_sweep_grids_build_and_record_what_they_train(load_benchmark):
