@@ -711,7 +711,8 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
                     train_subset=None, progress=True):
     """lr_range_test of a fresh network of `recipe` and `norm`, seeded with `seed`, on its own train
     loader (a notebook's loaders and torch's random state are left as they were, so its training run
-    is the same with or without this test). Returns the test's result with what it ran: the record
+    is the same with or without this test). A recipe with whiten_c1 starts from the whitened C1, as
+    fit does. Returns the test's result with what it ran: the record
     that benchmarks/lr_range.py writes and plot_lr_range / lr_range_table read."""
     train_loader, _ = make_loaders(data, recipe, device, seed=seed, train_subset=train_subset, test_subset=1)
     start = time.perf_counter()
@@ -719,6 +720,8 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
         net = recipe.make_model(norm).to(device)
+        if recipe.whiten_c1:      # the network starts as fit starts it
+            whiten_init(first_conv(net), train_loader.images)
         result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
                                progress=progress)
     return dict(norm=norm, build=recipe.build, params=count_parameters(net),

@@ -9,10 +9,14 @@ smoothed loss fell fastest and where it was lowest, the recipe's own peak lr); r
 doc/lr_range.png and README section 4's table from it.
 
     python benchmarks/lr_range.py --data ../shared/data/cifar10-jpeg.tar.gz --out doc/results/lr-range.json
+
+With --norms, only those norms' records are replaced; the file keeps the others.
 """
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import utils  # noqa: E402
@@ -44,6 +48,10 @@ def main(argv=None):
         r = records[-1]
         print(f"{norm}: steepest fall at lr {r['lr_steepest']:.3g}, lowest loss at lr {r['lr_at_min']:.3g}, "
               f"recipe peak {r['recipe_lr']:g} ({len(r['lr'])} steps, {r['seconds']:.0f} s)")
+    # the file holds one record per norm: those of the norms not run here are kept as they were
+    kept = [r for r in (json.loads(Path(args.out).read_text()) if Path(args.out).exists() else [])
+            if r["norm"] not in norms]
+    records = sorted(kept + records, key=lambda r: list(NORMS).index(r["norm"]))
     utils.save_json(args.out, records, indent=None)    # per-step lists: one line each
     print("wrote", args.out)
 

@@ -805,3 +805,14 @@ def test_lr_range_benchmark_rejects_unknown_norms(load_benchmark, capsys):
     with pytest.raises(SystemExit):
         lr_range.main(["--norms", "bn,xn"])
     assert "unknown norms ['xn']" in capsys.readouterr().err
+
+
+def test_lr_range_benchmark_replaces_only_the_norms_it_ran(load_benchmark, monkeypatch, tmp_path):
+    lr_range = load_benchmark("lr_range")
+    out = tmp_path / "lr-range.json"
+    out.write_text(json.dumps([dict(norm=n, run="old") for n in ("bn", "ln", "gn")]))
+    monkeypatch.setattr(utils, "load_cifar10", lambda source=None: None)
+    monkeypatch.setattr(utils, "lr_range_record", lambda data, norm, recipe, device, seed, **kw: dict(
+        norm=norm, run="new", lr=[0.1], lr_steepest=0.1, lr_at_min=0.1, recipe_lr=recipe.lr, seconds=0))
+    lr_range.main(["--norms", "bn", "--out", str(out)])
+    assert [(r["norm"], r["run"]) for r in json.loads(out.read_text())] == [("bn", "new"), ("ln", "old"), ("gn", "old")]
