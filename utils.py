@@ -13,6 +13,7 @@ import pickle
 import random
 import tarfile
 import tempfile
+import textwrap
 import time
 import urllib.error
 import warnings
@@ -1450,8 +1451,9 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     pool += [x for x in map(_as_run, (e for e in earlier if e.get("recipe"))) if full(x) and run_of(x) not in swept]
     if not pool:
         raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
-    bases = [b for b, _ in _earlier_recipes(record, earlier)
+    named = [(b, name) for b, name in _earlier_recipes(record, earlier)
              if any(_same_recipe(x["notebook_recipe"], b, norm) for x in pool)]
+    bases = [b for b, _ in named]
     points = [(*_rebased(record.get("recipe"), bases, x["notebook_recipe"], norm), x["seed"], x["train_final"],
                x["final"]) for x in pool]
     fig, ax = plt.subplots(figsize=(11, 5.5))
@@ -1472,15 +1474,18 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     # trials that changed an earlier recipe follow that recipe's own number
     key, lines = {}, []
     base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
-    for diff in sorted({d for base, d, *_ in changed if base is None}, key=text):
+    # an earlier notebook recipe goes by its folder's name, shorter than its change to today's
+    called = {d: f"the notebook's earlier recipe {name}" for d, (_, name) in zip(base_diff, named) if name}
+    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: called.get(d, text(d))):
         key[None, diff] = len(key) + 1
-        lines.append(f"{key[None, diff]:>2}  {text(diff)}")
+        lines.append(f"{key[None, diff]:>2}  {called.get(diff, text(diff))}")
         for i in (i for i, d in enumerate(base_diff) if d == diff):
             for kid in sorted({d for base, d, *_ in changed if base == i}, key=text):
                 key[i, kid] = len(key) + 1
                 lines.append(f"{key[i, kid]:>2}  on {key[None, diff]}: {text(kid)}")
     for base, diff, a, b in changed:
         ax.annotate(str(key[base, diff]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    lines = [textwrap.fill(line, 72, subsequent_indent=" " * 4) for line in lines]
     ax.text(1.02, 1.0, "\n".join(lines), transform=ax.transAxes,
             va="top", ha="left", fontsize=8, family="monospace")
     if target is not None:

@@ -448,6 +448,27 @@ def test_seeds_keep_cpu_and_gpu_runs_apart():
     assert "| 1, 2 | 81.50% |" in utils.targets_table([record], runs).splitlines()[2]
 
 
+def test_plot_fit_vs_test_keys_a_trial_of_an_earlier_recipe_on_that_recipe(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    old = asdict(utils.recipe_for("bn"))
+    history = [dict(epoch=1, train_acc=84.0, test_acc=82.0)]
+    earlier = dict(norm="bn", seed=1, recipe=old, history=history, device="CPU (2 threads)", folder="6-old")
+    record = dict(earlier, recipe={**old, "ema": 0.999}, history=[dict(epoch=1, train_acc=85.0, test_acc=84.0)])
+    del record["folder"]
+
+    def run(seed=1, **change):
+        return dict(name="notebook", norm="bn", seed=seed, device="CPU (2 threads)", history=history,
+                    notebook_recipe={**old, **change}, train_final=85.0, final=83.0)
+    runs = [run(seed=2), run(lr=0.1), run(lr=0.1, ema=0.999), run(seed=1)]   # the last repeats the earlier run
+    fig = utils.plot_fit_vs_test(record, runs, path=tmp_path / "fit.png", earlier=[earlier])
+    ax = fig.axes[0]
+    key = [line.split(None, 1)[1] for line in ax.texts[-1].get_text().splitlines()]
+    assert key == ["lr 0.05→0.1", "the notebook's earlier recipe 6-old", "on 2: lr 0.05→0.1"]
+    # the earlier recipe's seeds 1 (drawn once) and 2, and the two lr changes
+    assert sorted(t.get_text() for t in ax.texts[:-1]) == ["1", "2", "2", "3"]
+
+
 def test_trials_table_names_changes_to_the_current_notebook_recipe():
     now = utils.Recipe()
     record = dict(norm="bn", recipe=utils.recipe_dict(now))
