@@ -1115,8 +1115,9 @@ def tuning_table(runs, records, earlier=()):
     measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a comparison
     never crosses machines). A run is named by its change to the recipe it is nearest to: the
     current notebook recipe or, for a trial from before that recipe changed, the earlier notebook
-    recipe it changed (the "changed from" column names it by its own change to today's recipe, its
-    row just above; `earlier` notebook records count as runs of their recipe). Against: of the
+    recipe it changed (the "changed from" column names it by its folder under doc/results/earlier/,
+    and its own row, its change to today's recipe, stands just above its trials; `earlier` notebook
+    records count as runs of their recipe). Against: of the
     measured recipes that make only some of the row's changes (the recipe it changed makes none),
     the one that makes the most. The unchanged recipe's seeds on the notebook's own machine include
     the notebook run. A recipe has one accuracy per seed and machine (a sweep run that repeats an
@@ -1152,8 +1153,8 @@ def tuning_table(runs, records, earlier=()):
             def name(i):    # an earlier recipe by its folder's name, else by its change to today's
                 return f"its earlier recipe `{named[i][1]}`" if named[i][1] else label(base_diff[i])
 
-            def emit(base, diff, measured, changed_from, own=""):
-                accs = list(measured[diff].values()) if base is None else list(groups[(base, diff)].values())
+            def emit(base, diff, changed_from, suffix=""):
+                accs = list(groups[(base, diff)].values())
                 spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
                 pool = {d: list(v.values()) for (b, d), v in groups.items() if b == base}
                 if base is not None:         # the recipe it changed: that recipe's own runs
@@ -1168,17 +1169,16 @@ def tuning_table(runs, records, earlier=()):
                     delta = f"**{_signed(np.mean(accs) - np.mean(pool[near]))}**"
                     if near:
                         delta += f" against {label(near)}"
-                rows.append(f"| {NORMS[norm]} | {on} | {changed_from} | {label(diff)}{own} | {len(accs)} | "
+                rows.append(f"| {NORMS[norm]} | {on} | {changed_from} | {label(diff)}{suffix} | {len(accs)} | "
                             f"{np.mean(accs):.2f}{spread}% | {delta} |")
 
-            measured = {d: v for (b, d), v in groups.items() if b is None}
-            for diff in sorted(measured, key=lambda d: (d != (), label(d))):
+            for diff in sorted((d for b, d in groups if b is None), key=lambda d: (d != (), label(d))):
                 was = [i for i, d in enumerate(base_diff) if d == diff]
-                emit(None, diff, measured, "-" if not diff else "the notebook's recipe",
+                emit(None, diff, "-" if not diff else "the notebook's recipe",
                      f" ({name(was[0])})" if was and named[was[0]][1] else "")
                 for i in was:   # the trials that changed this earlier recipe, just below it
                     for kid in sorted((k for b, k in groups if b == i), key=label):
-                        emit(i, kid, measured, name(i))
+                        emit(i, kid, name(i))
     return "\n".join(rows)
 
 
@@ -1200,8 +1200,9 @@ def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
             if any(_same_recipe(rec.get("recipe"), o.get("recipe"), r["norm"]) for o, _ in recipes[:i]):
                 continue                     # a recipe re-run as a later notebook: its newest record holds it
             on_copy = _seed_accuracies(rec, runs)
-            same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x and x.get("seed") in on_copy
-                           and machine(x) == machine(rec) and _same_notebook_recipe(x, rec)),
+            same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
+                           and x.get("seed") in on_copy and machine(x) == machine(rec)
+                           and _same_notebook_recipe(x, rec)),
                           key=lambda x: (-x["jpeg_quality"], x.get("jpeg_shift", 0), x["seed"]))
             for quality, shift in dict.fromkeys((x["jpeg_quality"], x.get("jpeg_shift", 0)) for x in same):
                 how = f"quality {quality}" + (f", block grid moved {shift} px" if shift else "")
@@ -1439,6 +1440,7 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     well it generalises."""
     plt = _plt()
     norm, own, epochs = record["norm"], machine(record), len(record["history"])
+
     def full(x):
         return (x.get("name") == "notebook" and x["norm"] == norm and "final" in x and x.get("notebook_recipe")
                 and machine(x) == own and len(x.get("history", ())) == epochs)

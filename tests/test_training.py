@@ -723,6 +723,11 @@ def test_jpeg_table_compares_each_run_with_the_same_seed_on_the_copy():
         "| BatchNorm | quality 25 | 1 | 6.94 levels of 255 | 84.00% | 81.00% | 83.50% | **-2.50** |"]
     # without the seed runs, seed 2 has nothing on the copy to be compared with
     assert len(utils.jpeg_table([record], runs).splitlines()) == 6
+    # once the notebook's recipe changes, the runs of the earlier one stay, named by its folder
+    newer = dict(record, recipe=other, history=[dict(train_acc=86.0, test_acc=84.5)])
+    later = utils.jpeg_table([newer], runs, seed_runs, earlier=[dict(record, folder="6-old")]).splitlines()[2:]
+    assert later == ["| BatchNorm | quality 50 | 1 | 6.94 levels of 255 | 84.00% | 90.00% | 84.50% | **+5.50** |"] + [
+        row.replace("| BatchNorm |", "| BatchNorm (its earlier recipe `6-old`) |") for row in rows]
 
 
 def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accuracy():
