@@ -1097,16 +1097,18 @@ def _rebased(current, bases, recipe, norm):
     return (best, diffs[best]) if best is not None and len(diffs[best]) < len(own) else (None, own)
 
 
-def _earlier_recipes(record, earlier):
-    """(recipe, name) of each recipe a norm's notebook trained before its current one (`earlier`
-    notebook records; the name is the record's folder under doc/results/earlier/, where it has one),
-    newest first, each once, the current recipe left out."""
-    out = []
+def _earlier_recipes(record, earlier, measured_in=None):
+    """The `earlier` notebook records of the recipes a norm's notebook trained before its current one
+    (each may name its folder under doc/results/earlier/ as "folder"), newest first, one per recipe,
+    the current recipe left out; given `measured_in` (runs), only the recipes one of them trained."""
+    norm, out = record["norm"], []
     for e in reversed(list(earlier)):
-        if (e["norm"] == record["norm"] and e.get("recipe")
-                and not _same_recipe(e["recipe"], record.get("recipe"), record["norm"])
-                and not any(_same_recipe(e["recipe"], b, record["norm"]) for b, _ in out)):
-            out.append((e["recipe"], e.get("folder")))
+        if (e["norm"] == norm and e.get("recipe")
+                and not _same_recipe(e["recipe"], record.get("recipe"), norm)
+                and not any(_same_recipe(e["recipe"], o["recipe"], norm) for o in out)
+                and (measured_in is None
+                     or any(_same_recipe(x["notebook_recipe"], e["recipe"], norm) for x in measured_in))):
+            out.append(e)
     return out
 
 
@@ -1117,9 +1119,8 @@ def tuning_table(runs, records, earlier=()):
     current notebook recipe or, for a trial from before that recipe changed, the earlier notebook
     recipe it changed (the "changed from" column names it by its folder under doc/results/earlier/,
     and its own row, its change to today's recipe, stands just above its trials; `earlier` notebook
-    records count as runs of their recipe). Against: of the
-    measured recipes that make only some of the row's changes (the recipe it changed makes none),
-    the one that makes the most. The unchanged recipe's seeds on the notebook's own machine include
+    records count as runs of their recipe). Against: of the measured recipes that make only some of
+    the row's changes (the recipe it changed makes none), the one that makes the most. The unchanged recipe's seeds on the notebook's own machine include
     the notebook run. A recipe has one accuracy per seed and machine (a sweep run that repeats an
     earlier notebook run is not counted twice)."""
     rows = ["| norm | measured on | changed from | change | seeds | mean | against the nearest measured recipe |",
@@ -1132,9 +1133,8 @@ def tuning_table(runs, records, earlier=()):
         for on in ("CPU", "GPU"):
             here = [x for x in mine if machine(x) == on]
             # an earlier recipe is a base on this machine only where it was measured here itself
-            named = [(b, name) for b, name in _earlier_recipes(r, earlier)
-                     if any(_same_recipe(x["notebook_recipe"], b, norm) for x in here)]
-            bases = [b for b, _ in named]
+            named = _earlier_recipes(r, earlier, measured_in=here)
+            bases = [e["recipe"] for e in named]
             groups = {}
             for x in here:
                 base, diff = _rebased(current, bases, x["notebook_recipe"], norm)
@@ -1151,7 +1151,8 @@ def tuning_table(runs, records, earlier=()):
                 return _describe(diff) or "none (the notebook's recipe)"
 
             def name(i):    # an earlier recipe by its folder's name, else by its change to today's
-                return f"its earlier recipe `{named[i][1]}`" if named[i][1] else label(base_diff[i])
+                folder = named[i].get("folder")
+                return f"its earlier recipe `{folder}`" if folder else label(base_diff[i])
 
             def emit(base, diff, changed_from, suffix=""):
                 accs = list(groups[(base, diff)].values())
@@ -1175,7 +1176,7 @@ def tuning_table(runs, records, earlier=()):
             for diff in sorted((d for b, d in groups if b is None), key=lambda d: (d != (), label(d))):
                 was = [i for i, d in enumerate(base_diff) if d == diff]
                 emit(None, diff, "-" if not diff else "the notebook's recipe",
-                     f" ({name(was[0])})" if was and named[was[0]][1] else "")
+                     f" ({name(was[0])})" if was and named[was[0]].get("folder") else "")
                 for i in was:   # the trials that changed this earlier recipe, just below it
                     for kid in sorted((k for b, k in groups if b == i), key=label):
                         emit(i, kid, name(i))
@@ -1193,12 +1194,9 @@ def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
             "the copy, same seed | change |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         recipes = [(r, NORMS[r["norm"]])] + [
-            (e, f"{NORMS[r['norm']]} (its earlier recipe `{name}`)" if name else NORMS[r["norm"]])
-            for e, name in ((e, e.get("folder")) for e in reversed(list(earlier)))
-            if e["norm"] == r["norm"] and e.get("recipe")]
-        for i, (rec, who) in enumerate(recipes):
-            if any(_same_recipe(rec.get("recipe"), o.get("recipe"), r["norm"]) for o, _ in recipes[:i]):
-                continue                     # a recipe re-run as a later notebook: its newest record holds it
+            (e, f"{NORMS[r['norm']]} (its earlier recipe `{e['folder']}`)" if e.get("folder") else NORMS[r["norm"]])
+            for e in _earlier_recipes(r, earlier)]
+        for rec, who in recipes:
             on_copy = _seed_accuracies(rec, runs)
             same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
                            and x.get("seed") in on_copy and machine(x) == machine(rec)
@@ -1453,9 +1451,8 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     pool += [x for x in map(_as_run, (e for e in earlier if e.get("recipe"))) if full(x) and run_of(x) not in swept]
     if not pool:
         raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
-    named = [(b, name) for b, name in _earlier_recipes(record, earlier)
-             if any(_same_recipe(x["notebook_recipe"], b, norm) for x in pool)]
-    bases = [b for b, _ in named]
+    named = _earlier_recipes(record, earlier, measured_in=pool)
+    bases = [e["recipe"] for e in named]
     points = [(*_rebased(record.get("recipe"), bases, x["notebook_recipe"], norm), x["seed"], x["train_final"],
                x["final"]) for x in pool]
     fig, ax = plt.subplots(figsize=(11, 5.5))
@@ -1477,7 +1474,7 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     key, lines = {}, []
     base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
     # an earlier notebook recipe goes by its folder's name, shorter than its change to today's
-    called = {d: f"the notebook's earlier recipe {name}" for d, (_, name) in zip(base_diff, named) if name}
+    called = {d: f"the notebook's earlier recipe {e['folder']}" for d, e in zip(base_diff, named) if e.get("folder")}
     for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: called.get(d, text(d))):
         key[None, diff] = len(key) + 1
         lines.append(f"{key[None, diff]:>2}  {called.get(diff, text(diff))}")

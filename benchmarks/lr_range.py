@@ -49,8 +49,8 @@ def main(argv=None):
         print(f"{norm}: steepest fall at lr {r['lr_steepest']:.3g}, lowest loss at lr {r['lr_at_min']:.3g}, "
               f"recipe peak {r['recipe_lr']:g} ({len(r['lr'])} steps, {r['seconds']:.0f} s)")
     # the file holds one record per norm: those of the norms not run here are kept as they were
-    kept = [r for r in (json.loads(Path(args.out).read_text()) if Path(args.out).exists() else [])
-            if r["norm"] not in norms]
+    out = Path(args.out)
+    kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r["norm"] not in norms]
     records = sorted(kept + records, key=lambda r: list(NORMS).index(r["norm"]))
     utils.save_json(args.out, records, indent=None)    # per-step lists: one line each
     print("wrote", args.out)
