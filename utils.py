@@ -867,7 +867,8 @@ def _replace_block(text, name, body):
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
-def _read_jsonl(path):
+def read_jsonl(path):
+    """The records of a .jsonl results file, one per line; none when the file does not exist yet."""
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -1257,7 +1258,7 @@ def _notebook_lines(path, prefix):
 
 def read_trials(results_dir):
     """Every trial record of the sweeps: the lines of all trials-*.jsonl files in results_dir."""
-    return [x for path in sorted(Path(results_dir).glob("trials-*.jsonl")) for x in _read_jsonl(path)]
+    return [x for path in sorted(Path(results_dir).glob("trials-*.jsonl")) for x in read_jsonl(path)]
 
 
 def render_report(root="."):
@@ -1309,9 +1310,9 @@ def render_report(root="."):
     text = _replace_block(text, "trials", trials)
     text = _replace_block(text, "tuning", tuning_table(runs, records, earlier))
     text = _replace_block(text, "effects", effect_table(
-        records, earlier, _read_jsonl(results_dir / "trials-proxy.jsonl")))
+        records, earlier, read_jsonl(results_dir / "trials-proxy.jsonl")))
     text = _replace_block(text, "speed", speed_table(speeds))
-    text = _replace_block(text, "jpeg", jpeg_table(records, _read_jsonl(results_dir / "jpeg-quality.jsonl"), runs,
+    text = _replace_block(text, "jpeg", jpeg_table(records, read_jsonl(results_dir / "jpeg-quality.jsonl"), runs,
                                                   earlier))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
     lr_range = results_dir / "lr-range.json"

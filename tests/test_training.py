@@ -734,7 +734,7 @@ def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accurac
     """The README's JPEG block is what jpeg_table writes from the committed records, and its prose
     ("cost ... accuracy in every seed run", "LayerNorm and GroupNorm ... too") holds for them: every
     re-encoded run, of every norm, ended below the run on the copy with its seed."""
-    table = utils.jpeg_table(committed_records(), utils._read_jsonl(RESULTS / "jpeg-quality.jsonl"),
+    table = utils.jpeg_table(committed_records(), utils.read_jsonl(RESULTS / "jpeg-quality.jsonl"),
                              utils.read_trials(RESULTS))
     assert table in (ROOT / "README.md").read_text()
     rows = [row.split(" | ") for row in table.splitlines()[2:]]
