@@ -414,7 +414,8 @@ class Recipe:
 # Where one norm's notebook departs from Recipe(), measured in the tuning rounds (README section 6):
 # weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
 # norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (LayerNorm: one trial, README section 6).
-NORM_RECIPES = {"bn": dict(decay_norms=False), "ln": dict(build="separable-ws"), "gn": dict(decay_norms=False)}
+NORM_RECIPES = {"bn": dict(decay_norms=False), "ln": dict(build="separable-ws"),
+                "gn": dict(decay_norms=False, build="separable-skips", whiten_c1=True, ema=0.999)}
 
 
 def recipe_for(norm):
