@@ -1124,8 +1124,10 @@ def tuning_table(runs, records, earlier=()):
     current notebook recipe or, for a trial from before that recipe changed, the earlier notebook
     recipe it changed (the "changed from" column names it by its folder under doc/results/earlier/,
     and its own row, its change to today's recipe, stands just above its trials; `earlier` notebook
-    records count as runs of their recipe). Against: of the measured recipes that make only some of
-    the row's changes (the recipe it changed makes none), the one that makes the most. The unchanged recipe's seeds on the notebook's own machine include
+    records count as runs of their recipe). Rows: today's recipe and its trials first, then the
+    earlier recipes, newest first. Against: of the measured recipes that make only some of the
+    row's changes (the recipe it changed makes none), the one that makes the most, an earlier
+    recipe named by its folder. The unchanged recipe's seeds on the notebook's own machine include
     the notebook run. A recipe has one accuracy per seed and machine (a sweep run that repeats an
     earlier notebook run is not counted twice)."""
     rows = ["| norm | measured on | changed from | change | seeds | mean | against the nearest measured recipe |",
@@ -1159,6 +1161,12 @@ def tuning_table(runs, records, earlier=()):
                 folder = named[i].get("folder")
                 return f"its earlier recipe `{folder}`" if folder else label(base_diff[i])
 
+            # today's changes that are an earlier recipe, each with its rank (named is newest first)
+            earlier_rank = {}
+            for i, d in enumerate(base_diff):
+                if named[i].get("folder"):
+                    earlier_rank.setdefault(d, i)
+
             def emit(base, diff, changed_from, suffix=""):
                 accs = list(groups[(base, diff)].values())
                 spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
@@ -1173,12 +1181,16 @@ def tuning_table(runs, records, earlier=()):
                 else:
                     near = max(nearer, key=len)
                     delta = f"**{_signed(np.mean(accs) - np.mean(pool[near]))}**"
-                    if near:
+                    if near and base is None and near in earlier_rank:
+                        delta += f" against {name(earlier_rank[near])}"
+                    elif near:
                         delta += f" against {label(near)}"
                 rows.append(f"| {NORMS[norm]} | {on} | {changed_from} | {label(diff)}{suffix} | {len(accs)} | "
                             f"{np.mean(accs):.2f}{spread}% | {delta} |")
 
-            for diff in sorted((d for b, d in groups if b is None), key=lambda d: (d != (), label(d))):
+            # the recipe, then its trials, then the earlier recipes newest first, each above its trials
+            for diff in sorted((d for b, d in groups if b is None),
+                               key=lambda d: (d != (), earlier_rank.get(d, -1), label(d))):
                 was = [i for i, d in enumerate(base_diff) if d == diff]
                 emit(None, diff, "-" if not diff else "the notebook's recipe",
                      f" ({name(was[0])})" if was and named[was[0]].get("folder") else "")

@@ -574,6 +574,36 @@ def test_tuning_table_names_a_trial_by_its_change_to_the_earlier_recipe_it_chang
         "lr 0.05 → 0.1 | 1 | 85.00% | no run of a recipe it changes |"]
 
 
+def test_tuning_table_lists_earlier_recipes_newest_first_and_names_them_in_comparisons():
+    now = utils.Recipe()
+    cpu = "CPU (2 threads)"
+
+    def notebook(acc, folder=None, **changes):
+        return dict(norm="gn", seed=1, device=cpu, recipe=utils.recipe_dict(replace(now, **changes)),
+                    history=[dict(test_acc=acc)], **(dict(folder=folder) if folder else {}))
+
+    def run(seed, acc, **changes):
+        return dict(name="notebook", norm="gn", seed=seed, final=acc, device=cpu,
+                    notebook_recipe=utils.recipe_dict(replace(now, **changes)))
+    old5 = notebook(81.0, "5-decayed")
+    old6 = notebook(82.0, "6-spared", decay_norms=False)
+    record = notebook(83.0, decay_norms=False, build="separable-ws")
+    runs = [run(2, 82.4, decay_norms=False),                              # the newer earlier recipe's seed 2
+            run(1, 80.0, lr=0.1),                                         # a trial of the older one
+            run(1, 81.0, decay_norms=False, lr=0.1),                      # a trial of the newer one
+            run(1, 83.5, decay_norms=False, build="separable-ws", lr=0.03)]   # a trial of today's recipe
+    rows = utils.tuning_table(runs, [record], earlier=[old5, old6]).splitlines()[2:]
+    assert rows == [
+        "| GroupNorm | CPU | - | none (the notebook's recipe) | 1 | 83.00% | - |",
+        "| GroupNorm | CPU | the notebook's recipe | lr 0.05 → 0.03 | 1 | 83.50% | **+0.50** |",
+        "| GroupNorm | CPU | the notebook's recipe | build separable-ws → separable (its earlier recipe "
+        "`6-spared`) | 2 | 82.20 ± 0.28% | **-0.80** |",
+        "| GroupNorm | CPU | its earlier recipe `6-spared` | lr 0.05 → 0.1 | 1 | 81.00% | **-1.20** |",
+        "| GroupNorm | CPU | the notebook's recipe | decay_norms False → True, build separable-ws → separable "
+        "(its earlier recipe `5-decayed`) | 1 | 81.00% | **-1.20** against its earlier recipe `6-spared` |",
+        "| GroupNorm | CPU | its earlier recipe `5-decayed` | lr 0.05 → 0.1 | 1 | 80.00% | **-1.00** |"]
+
+
 def test_sweep_grids_build_and_record_what_they_train(load_benchmark):
     """Every run of the tuning grids builds a network under 50k parameters, and a notebook-recipe
     run records exactly the recipe it will train (its changes and nothing else)."""
