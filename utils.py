@@ -1492,7 +1492,12 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
     # an earlier notebook recipe goes by its folder's name, shorter than its change to today's
     called = {d: f"the notebook's earlier recipe {e['folder']}" for d, e in zip(base_diff, named) if e.get("folder")}
-    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: called.get(d, text(d))):
+    rank = {}                       # named is newest first
+    for i, d in enumerate(base_diff):
+        if d in called:
+            rank.setdefault(d, i)
+    # as in tuning_table: the changes to today's recipe, then the earlier recipes newest first
+    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: (d in rank, rank.get(d, 0), text(d))):
         key[None, diff] = len(key) + 1
         lines.append(f"{key[None, diff]:>2}  {called.get(diff, text(diff))}")
         for i in (i for i, d in enumerate(base_diff) if d == diff):

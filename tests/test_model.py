@@ -101,10 +101,11 @@ def test_separable_names_must_be_3x3_blocks():
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_the_notebooks_separable_build(norm):
-    """The build the notebooks train (README section 3): 49,920 parameters, RF 44, with the
-    notebooks' GroupNorm group count; LayerNorm's with weight standardization."""
+    """The builds the notebooks train (README section 3): 49,920 parameters, RF 44, with the
+    notebooks' GroupNorm group count; LayerNorm's with weight standardization, BatchNorm's and
+    GroupNorm's with the skips (which cost no parameters)."""
     net = utils.recipe_for(norm).make_model(norm)
-    assert net.build == ("separable-ws" if norm == "ln" else "separable")
+    assert net.build == ("separable-ws" if norm == "ln" else "separable-skips")
     assert any(isinstance(m, StdConv2d) for m in net.modules()) == (norm == "ln")
     assert count_parameters(net) == 49920
     rows = {r["layer"]: r for r in receptive_field(net)}

@@ -451,7 +451,7 @@ def test_seeds_keep_cpu_and_gpu_runs_apart():
 def test_plot_fit_vs_test_keys_a_trial_of_an_earlier_recipe_on_that_recipe(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    old = asdict(utils.recipe_for("bn"))
+    old = asdict(utils.Recipe(ema=0.0))     # today's record below adds the moving average to it
     history = [dict(epoch=1, train_acc=84.0, test_acc=82.0)]
     earlier = dict(norm="bn", seed=1, recipe=old, history=history, device="CPU (2 threads)", folder="6-old")
     record = dict(earlier, recipe={**old, "ema": 0.999}, history=[dict(epoch=1, train_acc=85.0, test_acc=84.0)])
@@ -460,13 +460,15 @@ def test_plot_fit_vs_test_keys_a_trial_of_an_earlier_recipe_on_that_recipe(tmp_p
     def run(seed=1, **change):
         return dict(name="notebook", norm="bn", seed=seed, device="CPU (2 threads)", history=history,
                     notebook_recipe={**old, **change}, train_final=85.0, final=83.0)
-    runs = [run(seed=2), run(lr=0.1), run(lr=0.1, ema=0.999), run(seed=1)]   # the last repeats the earlier run
+    runs = [run(seed=2), run(lr=0.1), run(lr=0.1, ema=0.999), run(warmup=0.4, ema=0.999),
+            run(seed=1)]   # the last repeats the earlier run
     fig = utils.plot_fit_vs_test(record, runs, path=tmp_path / "fit.png", earlier=[earlier])
     ax = fig.axes[0]
     key = [line.split(None, 1)[1] for line in ax.texts[-1].get_text().splitlines()]
-    assert key == ["lr 0.05→0.1", "the notebook's earlier recipe 6-old", "on 2: lr 0.05→0.1"]
-    # the earlier recipe's seeds 1 (drawn once) and 2, and the two lr changes
-    assert sorted(t.get_text() for t in ax.texts[:-1]) == ["1", "2", "2", "3"]
+    # today's changes first, then the earlier recipe with its own trial, as in tuning_table
+    assert key == ["lr 0.05→0.1", "warmup 0.25→0.4", "the notebook's earlier recipe 6-old", "on 3: lr 0.05→0.1"]
+    # the earlier recipe's seeds 1 (drawn once) and 2, and the three changes
+    assert sorted(t.get_text() for t in ax.texts[:-1]) == ["1", "2", "3", "3", "4"]
 
 
 def test_trials_table_names_changes_to_the_current_notebook_recipe():
@@ -851,7 +853,7 @@ def test_lr_range_record_leaves_the_notebook_run_alone_and_renders(cifar, tmp_pa
     assert len(record["lr"]) == 6 and record["lr"][0] == pytest.approx(1e-3)
     assert all(l == l for l in record["loss"])     # finite on real data at these lrs
     table = utils.lr_range_table([record])
-    assert "| GroupNorm | separable | 6 of 6 |" in table and f"**{recipe.lr:g}**" in table
+    assert f"| GroupNorm | {recipe.build} | 6 of 6 |" in table and f"**{recipe.lr:g}**" in table
     utils.plot_lr_range([record], path=tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 1000
 
