@@ -1277,6 +1277,17 @@ def read_trials(results_dir):
     return [x for path in sorted(Path(results_dir).glob("trials-*.jsonl")) for x in read_jsonl(path)]
 
 
+def earlier_records(results_dir, records):
+    """The earlier notebook runs under results_dir/earlier/<n>-<label>/<norm>.json, one list per
+    folder, oldest folder first, each record tagged with its folder's name ("folder"). A run that
+    trained the current recipe of one of `records` is that current run itself and is left out."""
+    current = {r["norm"]: r.get("recipe") for r in records}
+    folders = sorted(p for p in Path(results_dir).glob("earlier/*") if p.is_dir())
+    return [[dict(r, folder=f.name)
+             for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
+             if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
+
+
 def render_report(root="."):
     """Rewrite the README's generated blocks (headline, results, seeds, targets, trials, tuning, effects, speed,
     data statistics, JPEG quality, lr range tests), doc/trials.md, doc/comparison.png,
@@ -1289,13 +1300,7 @@ def render_report(root="."):
         raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
     runs = read_trials(results_dir)
-    # earlier notebook runs, oldest first (doc/results/earlier/<n>-<label>/<norm>.json); one that
-    # trained the current recipe is the current run itself
-    current = {r["norm"]: r.get("recipe") for r in records}
-    folders = sorted(p for p in results_dir.glob("earlier/*") if p.is_dir())
-    by_folder = [[dict(r, folder=f.name)
-                  for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
-                  if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
+    by_folder = earlier_records(results_dir, records)
     earlier = [r for group in by_folder for r in group]
     for r in records:
         if r["norm"] == "bn":      # the norm still short of its target, with the most trials
