@@ -1117,6 +1117,17 @@ def _earlier_recipes(record, earlier, measured_in=None):
     return out
 
 
+def _earlier_rank(base_diff, named):
+    """{an earlier recipe's change to today's recipe: its rank, 0 the newest} for the `named` earlier
+    records (newest first, as _earlier_recipes returns them) that have a folder; base_diff[i] is
+    named[i]'s change. Orders the earlier recipes in the tuning table and the fit-vs-test key."""
+    rank = {}
+    for i, (diff, record) in enumerate(zip(base_diff, named)):
+        if record.get("folder"):
+            rank.setdefault(diff, i)
+    return rank
+
+
 def tuning_table(runs, records, earlier=()):
     """Changes to the notebook recipes, each one's mean over its seeds against the nearest recipe
     measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a comparison
@@ -1161,11 +1172,7 @@ def tuning_table(runs, records, earlier=()):
                 folder = named[i].get("folder")
                 return f"its earlier recipe `{folder}`" if folder else label(base_diff[i])
 
-            # today's changes that are an earlier recipe, each with its rank (named is newest first)
-            earlier_rank = {}
-            for i, d in enumerate(base_diff):
-                if named[i].get("folder"):
-                    earlier_rank.setdefault(d, i)
+            earlier_rank = _earlier_rank(base_diff, named)
 
             def emit(base, diff, changed_from, suffix=""):
                 accs = list(groups[(base, diff)].values())
@@ -1497,10 +1504,7 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
     # an earlier notebook recipe goes by its folder's name, shorter than its change to today's
     called = {d: f"the notebook's earlier recipe {e['folder']}" for d, e in zip(base_diff, named) if e.get("folder")}
-    rank = {}                       # named is newest first
-    for i, d in enumerate(base_diff):
-        if d in called:
-            rank.setdefault(d, i)
+    rank = _earlier_rank(base_diff, named)
     # as in tuning_table: the changes to today's recipe, then the earlier recipes newest first
     for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: (d in rank, rank.get(d, 0), text(d))):
         key[None, diff] = len(key) + 1
