@@ -1506,7 +1506,7 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     called = {d: f"the notebook's earlier recipe {e['folder']}" for d, e in zip(base_diff, named) if e.get("folder")}
     rank = _earlier_rank(base_diff, named)
     # as in tuning_table: the changes to today's recipe, then the earlier recipes newest first
-    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: (d in rank, rank.get(d, 0), text(d))):
+    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: (rank.get(d, -1), text(d))):
         key[None, diff] = len(key) + 1
         lines.append(f"{key[None, diff]:>2}  {called.get(diff, text(diff))}")
         for i in (i for i, d in enumerate(base_diff) if d == diff):
