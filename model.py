@@ -74,6 +74,9 @@ BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
 # C5 (80 -> 80 channels at 16x16; C8 and C9 shrink their maps): 49,488 parameters. One BatchNorm
 # trial (doc/trials.md).
 BUILDS["separable-wide16-skips"] = replace(BUILDS["separable-wide16"], skips=True)
+# LayerNorm's build (weight standardization) with the additive skips of separable-skips: no extra
+# parameters. One LayerNorm trial of the BatchNorm/GroupNorm stack (doc/trials.md).
+BUILDS["separable-ws-skips"] = replace(BUILDS["separable-ws"], skips=True)
 # The separable build with linear squeezes (c3, c6: conv -> norm, no ReLU): no extra parameters.
 # One BatchNorm trial (doc/trials.md).
 BUILDS["separable-linear"] = replace(BUILDS["separable"], linear_squeeze=True)
