@@ -415,7 +415,8 @@ class Recipe:
 # weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
 # norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (LayerNorm: one trial, README section 6);
 # then three changes that each ended within the seed spread alone, stacked, lifted five of the six BatchNorm and
-# GroupNorm seeds over the run of the same seed without them (LayerNorm: not run).
+# GroupNorm seeds over the run of the same seed without them (LayerNorm: its skips and average on its own
+# weight-standardized build are a trial, README section 6).
 STACKED_CHANGES = dict(build="separable-skips", whiten_c1=True, ema=0.999)
 NORM_RECIPES = {"bn": dict(decay_norms=False, **STACKED_CHANGES), "ln": dict(build="separable-ws"),
                 "gn": dict(decay_norms=False, **STACKED_CHANGES)}

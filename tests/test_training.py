@@ -782,6 +782,26 @@ def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accurac
     assert -float(bn_pass[-1].strip(" |*")) > utils.TARGETS["bn"] - records[0]["history"][-1]["test_acc"]
 
 
+def layernorm_stack_trial():
+    """The CPU seed runs of LayerNorm's recipe and of the stack's trial on it (README section 6:
+    separable-ws-skips with ema 0.999, everything else LayerNorm's recipe), as {seed: run}."""
+    record, runs = utils.load_results(RESULTS / "ln.json"), utils.read_trials(RESULTS)
+    trial_recipe = dict(record["recipe"], build="separable-ws-skips", ema=0.999)
+    cpu = [x for x in runs if x.get("name") == "notebook" and x["norm"] == "ln" and utils.machine(x) == "CPU"]
+    recipe = {x["seed"]: x for x in cpu if utils._same_notebook_recipe(x, record)}
+    trial = {x["seed"]: x for x in cpu if utils._same_recipe(x.get("notebook_recipe"), trial_recipe, "ln")}
+    return recipe, trial
+
+
+def test_readme_layernorm_stack_claims_hold_for_the_records():
+    """README section 6: the trial's seed 1 "ended above all three seeds of LayerNorm's recipe, in
+    train accuracy too"."""
+    recipe, trial = layernorm_stack_trial()
+    assert sorted(recipe) == [1, 2, 3] and 1 in trial
+    assert trial[1]["final"] > max(x["final"] for x in recipe.values())
+    assert trial[1]["train_final"] > max(x["train_final"] for x in recipe.values())
+
+
 def small_loader(n=96, batch_size=32, seed=0):
     """Random images with random labels, batch 32: enough for a few optimizer steps."""
     g = torch.Generator().manual_seed(seed)
