@@ -419,7 +419,8 @@ class Recipe:
 # the skips and the average (not the whitened C1, which weight standardization undoes) lifted all three of
 # its seeds over every seed of its recipe before them (README section 6).
 STACKED_CHANGES = dict(build="separable-skips", whiten_c1=True, ema=0.999)
-NORM_RECIPES = {"bn": dict(decay_norms=False, **STACKED_CHANGES), "ln": dict(build="separable-ws-skips", ema=0.999),
+NORM_RECIPES = {"bn": dict(decay_norms=False, **STACKED_CHANGES),
+                "ln": dict(build="separable-ws-skips", ema=STACKED_CHANGES["ema"]),
                 "gn": dict(decay_norms=False, **STACKED_CHANGES)}
 
 

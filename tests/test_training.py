@@ -783,14 +783,19 @@ def test_readme_jpeg_table_matches_the_records_and_every_reencoding_cost_accurac
     assert -float(bn_pass[-1].strip(" |*")) > utils.TARGETS["bn"] - records[0]["history"][-1]["test_acc"]
 
 
+def cpu_notebook_runs(norm):
+    """The committed sweep runs of a norm's notebook recipes (any recipe, any seed) on the CPU."""
+    return [x for x in utils.read_trials(RESULTS)
+            if x.get("name") == "notebook" and x["norm"] == norm and utils.machine(x) == "CPU"]
+
+
 def layernorm_stack_trial():
     """The CPU seed runs of LayerNorm's earlier recipe (doc/results/earlier/7-separable-ws) and of the
     stack's trial on it (README section 6: separable-ws-skips with ema 0.999, everything else that
     recipe), as {seed: run}."""
     record = utils.load_results(RESULTS / "earlier" / "7-separable-ws" / "ln.json")
-    runs = utils.read_trials(RESULTS)
     trial_recipe = dict(record["recipe"], build="separable-ws-skips", ema=0.999)
-    cpu = [x for x in runs if x.get("name") == "notebook" and x["norm"] == "ln" and utils.machine(x) == "CPU"]
+    cpu = cpu_notebook_runs("ln")
     recipe = {x["seed"]: x for x in cpu if utils._same_notebook_recipe(x, record)}
     trial = {x["seed"]: x for x in cpu if utils._same_recipe(x.get("notebook_recipe"), trial_recipe, "ln")}
     return recipe, trial
@@ -832,14 +837,13 @@ def test_readme_machine_to_machine_claims_hold_for_the_records():
     seed-1 sweep run is the notebook's run, epoch for epoch), "while LayerNorm's notebook run ended
     further below its trial's seed-1 run than the trial's three seeds lie apart"."""
     bn = utils.load_results(RESULTS / "bn.json")
-    runs = [x for x in utils.read_trials(RESULTS) if x.get("name") == "notebook" and x["norm"] == "bn"
-            and utils.machine(x) == "CPU" and utils._same_notebook_recipe(x, bn)]
-    first, fresh = [x for x in runs if x["seed"] == 1]
+    runs = cpu_notebook_runs("bn")
+    first, fresh = [x for x in runs if x["seed"] == 1 and utils._same_notebook_recipe(x, bn)]
     assert [e["train_loss"] for e in first["history"]] == [e["train_loss"] for e in bn["history"]]
     assert fresh["history"][0]["train_loss"] != first["history"][0]["train_loss"]
-    seeds = [bn["history"][-1]["test_acc"]] + [x["final"] for x in runs if x["seed"] in (2, 3)]
-    assert len(seeds) == 3
-    assert 0 < abs(fresh["final"] - first["final"]) < 0.5 * statistics.stdev(seeds)
+    seeds = utils._seed_accuracies(bn, runs)            # the Seeds table's BatchNorm row
+    assert sorted(seeds) == [1, 2, 3]
+    assert 0 < abs(fresh["final"] - first["final"]) < 0.5 * statistics.stdev(seeds.values())
     _, trial = layernorm_stack_trial()
     ln_final = utils.load_results(RESULTS / "ln.json")["history"][-1]["test_acc"]
     spread = max(x["final"] for x in trial.values()) - min(x["final"] for x in trial.values())
