@@ -1460,6 +1460,9 @@ def plot_lr_range(records, path=None):
     return _finish(fig, path)
 
 
+FIT_VS_TEST_FLOOR = 5.0   # points under the notebook run where plot_fit_vs_test's axis stops
+
+
 def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     """Final train accuracy against final test accuracy of every full run of one norm through the
     notebooks' code path on the notebook record's kind of machine: the notebook's recipe (its run and
@@ -1467,7 +1470,8 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     notebook recipe (`earlier` records, whose own runs count too) is labelled by its change to that
     one, "on" its number, as in tuning_table. Where the points spread along train accuracy and not
     along test accuracy, the changes moved how well the network fits its training set and not how
-    well it generalises."""
+    well it generalises. A change that ended more than FIT_VS_TEST_FLOOR points under the notebook
+    run is drawn on the axis floor, with its accuracy written beside it."""
     plt = _plt()
     norm, own, epochs = record["norm"], machine(record), len(record["history"])
 
@@ -1498,9 +1502,17 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     def text(diff):
         return _describe(diff).replace(" → ", "→")
     changed = [(base, diff, a, b) for base, diff, _, a, b in points if base is not None or diff]
-    if changed:
-        ax.plot([a for *_, a, _ in changed], [b for *_, b in changed], "s", ms=6, color="C1",
+    # A change that failed outright would squash every other run into one line: the axis stops a few
+    # points under the notebook run, and such a run sits on that floor, its accuracy written beside it.
+    floor = last["test_acc"] - FIT_VS_TEST_FLOOR
+    kept = [c for c in changed if c[3] >= floor]
+    fallen = [c for c in changed if c[3] < floor]
+    if kept:
+        ax.plot([a for *_, a, _ in kept], [b for *_, b in kept], "s", ms=6, color="C1",
                 label="a change to it (numbered, key on the right)")
+    if fallen:
+        ax.plot([a for *_, a, _ in fallen], [floor] * len(fallen), "v", ms=8, color="C1",
+                label=f"a change that ended below {floor:.1f}% (on the floor, its accuracy beside it)")
     # the labels are numbers with a key beside the axes: the runs crowd at similar accuracies; the
     # trials that changed an earlier recipe follow that recipe's own number
     key, lines = {}, []
@@ -1516,8 +1528,13 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
             for kid in sorted({d for base, d, *_ in changed if base == i}, key=text):
                 key[i, kid] = len(key) + 1
                 lines.append(f"{key[i, kid]:>2}  on {key[None, diff]}: {text(kid)}")
-    for base, diff, a, b in changed:
+    for base, diff, a, b in kept:
         ax.annotate(str(key[base, diff]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    middle = sum(a for *_, a, _ in changed) / len(changed)
+    for base, diff, a, b in fallen:    # its text written towards the middle, away from the axes' edge
+        right = a > middle
+        ax.annotate(f"{key[base, diff]}: {b:.2f}%", (a, floor), xytext=(-7 if right else 7, 3),
+                    textcoords="offset points", fontsize=8, ha="right" if right else "left")
     lines = [textwrap.fill(line, 72, subsequent_indent=" " * 4) for line in lines]
     ax.text(1.02, 1.0, "\n".join(lines), transform=ax.transAxes,
             va="top", ha="left", fontsize=8, family="monospace")
@@ -1525,8 +1542,11 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
         ax.axhline(target, color="C3", ls="--", lw=1, label=f"target {target:g}%")
     ax.set(xlabel="final train accuracy (%, with augmentation and dropout)", ylabel="final test accuracy (%)",
            title=f"{NORMS[norm]}: {epochs}-epoch runs on the {own}, train against test")
+    if fallen:
+        ax.set_ylim(bottom=floor - 0.3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")    # where it hides no trial
+    # below the axes, where it hides no trial and no written accuracy
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     return _finish(fig, path)
 

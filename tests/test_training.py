@@ -200,6 +200,30 @@ def test_plot_fit_vs_test_takes_the_norms_runs_on_its_machine(tmp_path):
         utils.plot_fit_vs_test(record, runs[5:])
 
 
+def test_plot_fit_vs_test_puts_a_failed_change_on_the_axis_floor(tmp_path):
+    """A change that ended far under the notebook run does not stretch the axis down to it: it sits on
+    the floor, FIT_VS_TEST_FLOOR points under the notebook run, with its real accuracy written beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    recipe = asdict(utils.recipe_for("bn"))
+    history = [dict(epoch=1, train_acc=86.0, test_acc=84.0)]
+    record = dict(norm="bn", recipe=recipe, history=history, device="CPU (2 threads)")
+    runs = [dict(name="notebook", norm="bn", seed=1, device="CPU (2 threads)", history=history,
+                 notebook_recipe={**recipe, **change}, train_final=86.0, final=final)
+            for change, final in (({"lr": 0.1}, 83.5), ({"ema": 0.9998}, 71.94))]
+    ax = utils.plot_fit_vs_test(record, runs, target=85.0, path=tmp_path / "fit.png").axes[0]
+    floor = 84.0 - utils.FIT_VS_TEST_FLOOR
+    assert floor - 0.5 < ax.get_ylim()[0] < floor
+    squares, fallen = ax.lines[1], ax.lines[2]
+    assert list(squares.get_ydata()) == [83.5] and list(fallen.get_ydata()) == [floor]
+    key = ax.texts[-1].get_text().splitlines()
+    number = next(line.split()[0] for line in key if "ema" in line)
+    assert f"{number}: 71.94%" in [t.get_text() for t in ax.texts[:-1]]
+    # without such a run the axis follows the runs as before
+    ax = utils.plot_fit_vs_test(record, runs[:1], target=85.0).axes[0]
+    assert len(ax.lines) == 3 and ax.get_ylim()[0] > floor    # recipe, change, target line
+
+
 def test_readme_table_matches_results_files():
     """The README's results block is what render_report writes from doc/results/*.json."""
     records = committed_records()
@@ -949,3 +973,34 @@ def test_lr_range_benchmark_replaces_only_the_norms_it_ran(load_benchmark, monke
         norm=norm, run="new", lr=[0.1], lr_steepest=0.1, lr_at_min=0.1, recipe_lr=recipe.lr, seconds=0))
     lr_range.main(["--norms", "bn", "--out", str(out)])
     assert [(r["norm"], r["run"]) for r in json.loads(out.read_text())] == [("bn", "new"), ("ln", "old"), ("gn", "old")]
+
+
+def bn_averaging_runs():
+    """BatchNorm's CPU runs of seed 1 whose recipe is the notebook's or differs from it in the moving
+    average's decay and BatchNorm's statistics alone, keyed by that difference (README section 6)."""
+    bn = utils.load_results(RESULTS / "bn.json")
+    runs = {}
+    for x in cpu_notebook_runs("bn"):
+        diff = tuple(utils._recipe_diff(bn["recipe"], x["notebook_recipe"], "bn"))
+        if x["seed"] == 1 and {k for k, *_ in diff} <= {"ema", "precise_bn"}:
+            runs[diff] = x       # the later of two runs of one recipe: the fresh machine's
+    return runs
+
+
+def test_readme_averaging_horizon_claims_hold_for_the_records():
+    """README section 6: with ema 0.9998 BatchNorm's seed 1 "retraced the notebook recipe's run of seed 1
+    on the same machine step for step" (every recorded number but the last test), "then lost more than
+    ten points"; recomputing BatchNorm's statistics "won back nearly all of it, yet ended below the
+    notebook recipe's run of the same trajectory"."""
+    runs = bn_averaging_runs()
+    base, longer = runs[()], runs[(("ema", 0.999, 0.9998),)]
+    recomputed = runs[(("precise_bn", False, True), ("ema", 0.999, 0.9998))]
+
+    def recorded(run):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in run["history"]]
+    for run in (longer, recomputed):
+        assert recorded(run)[:-1] == recorded(base)[:-1]
+        assert {**recorded(run)[-1], "test_acc": 0, "test_loss": 0} == {**recorded(base)[-1], "test_acc": 0, "test_loss": 0}
+    assert longer["final"] < base["final"] - 10
+    assert longer["final"] < recomputed["final"] < base["final"]
+    assert base["final"] - recomputed["final"] < 0.1 * (base["final"] - longer["final"])    # "nearly all"
