@@ -1035,3 +1035,25 @@ def test_readme_longer_average_seeds_claims_hold_for_the_records():
     assert pairs[2][1] > pairs[2][0] and pairs[3][1] < pairs[3][0]
     gain = statistics.mean(after - before for before, after in pairs.values())
     assert abs(gain) < 0.5 * statistics.stdev(utils._seed_accuracies(bn, cpu).values())
+
+
+def bn_stack_trial(**changes):
+    """BatchNorm's CPU run of seed 1 that trained the notebook's recipe with exactly these changes."""
+    bn = utils.load_results(RESULTS / "bn.json")
+    want = dict(bn["recipe"], **{k: v for k, v in changes.items() if k not in utils.Augment.__dataclass_fields__})
+    want["augment"] = dict(want["augment"], **{k: v for k, v in changes.items() if k in utils.Augment.__dataclass_fields__})
+    return next(x for x in cpu_notebook_runs("bn") if x["seed"] == 1 and utils._same_recipe(x["notebook_recipe"], want, "bn"))
+
+
+def test_readme_no_dropout_claims_hold_for_the_records():
+    """README section 6: without dropout on the stack "train accuracy ended above the notebook run's by more than
+    a point, above every other 20-epoch BatchNorm run of the separable builds on this CPU, and test accuracy
+    below the recipe's three-seed mean, inside the seeds' spread"."""
+    bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
+    trial = bn_stack_trial(dropout=0.0)
+    assert trial["train_final"] > bn["history"][-1]["train_acc"] + 1
+    others = [x for x in cpu if x != trial and len(x["history"]) == 20
+              and x["notebook_recipe"]["build"].startswith("separable")]
+    assert others and trial["train_final"] > max(x["train_final"] for x in others)
+    seeds = utils._seed_accuracies(bn, cpu).values()
+    assert min(seeds) < trial["final"] < statistics.mean(seeds)
