@@ -975,14 +975,14 @@ def test_lr_range_benchmark_replaces_only_the_norms_it_ran(load_benchmark, monke
     assert [(r["norm"], r["run"]) for r in json.loads(out.read_text())] == [("bn", "new"), ("ln", "old"), ("gn", "old")]
 
 
-def bn_averaging_runs(cpu, seed=1):
-    """BatchNorm's CPU runs (`cpu`) of one seed whose recipe is the notebook's or differs from it in the moving
-    average's decay and BatchNorm's statistics alone, keyed by (ema, precise_bn) (README section 6)."""
-    notebook = utils._flat_recipe(utils.load_results(RESULTS / "bn.json")["recipe"], "bn")
+def bn_averaging_runs(bn, cpu, seed=1):
+    """BatchNorm's CPU runs (`cpu`) of one seed whose recipe is the notebook record's (`bn`) or differs from it
+    in the moving average's decay and BatchNorm's statistics alone, keyed by (ema, precise_bn) (README section 6)."""
     runs = {}
     for x in cpu:
-        flat = utils._flat_recipe(x["notebook_recipe"], "bn")
-        if x["seed"] == seed and {k for k in flat if flat[k] != notebook.get(k)} <= {"ema", "precise_bn"}:
+        diff = utils._recipe_diff(bn["recipe"], x["notebook_recipe"], "bn")
+        if x["seed"] == seed and {k for k, *_ in diff} <= {"ema", "precise_bn"}:
+            flat = utils._flat_recipe(x["notebook_recipe"], "bn")
             runs[flat["ema"], flat["precise_bn"]] = x      # the later of two runs of one recipe: the fresh machine's
     return runs
 
@@ -1000,7 +1000,7 @@ def test_readme_averaging_horizon_claims_hold_for_the_records():
     notebook recipe's run of the same trajectory"; at the notebook's own decay, recomputed statistics
     ended a little above it, and at ema 0.9995 above all three."""
     bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
-    runs = bn_averaging_runs(cpu)
+    runs = bn_averaging_runs(bn, cpu)
     base, longer = runs[0.999, False], runs[0.9998, False]
     recomputed, same_decay, middle = runs[0.9998, True], runs[0.999, True], runs[0.9995, True]
     for run in (longer, recomputed, same_decay, middle):
@@ -1027,7 +1027,7 @@ def test_readme_longer_average_seeds_claims_hold_for_the_records():
     bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
     pairs = {}
     for seed in (1, 2, 3):
-        runs = bn_averaging_runs(cpu, seed)
+        runs = bn_averaging_runs(bn, cpu, seed)
         before, after = runs[0.999, False], runs[0.9995, True]
         assert averaged_trajectory(after) == averaged_trajectory(before), seed
         assert after["history"][-1]["test_loss"] > before["history"][-1]["test_loss"], seed
@@ -1037,12 +1037,11 @@ def test_readme_longer_average_seeds_claims_hold_for_the_records():
     assert abs(gain) < 0.5 * statistics.stdev(utils._seed_accuracies(bn, cpu).values())
 
 
-def bn_stack_trial(**changes):
-    """BatchNorm's CPU run of seed 1 that trained the notebook's recipe with exactly these changes."""
-    bn = utils.load_results(RESULTS / "bn.json")
-    want = dict(bn["recipe"], **{k: v for k, v in changes.items() if k not in utils.Augment.__dataclass_fields__})
-    want["augment"] = dict(want["augment"], **{k: v for k, v in changes.items() if k in utils.Augment.__dataclass_fields__})
-    return next(x for x in cpu_notebook_runs("bn") if x["seed"] == 1 and utils._same_recipe(x["notebook_recipe"], want, "bn"))
+def bn_stack_trial(bn, cpu, **changes):
+    """The run among BatchNorm's CPU runs (`cpu`) of seed 1 that trained the notebook record's (`bn`) recipe
+    with exactly these changes (Recipe or Augment fields: the flat recipe holds both)."""
+    want = dict(utils._flat_recipe(bn["recipe"], "bn"), **changes)
+    return next(x for x in cpu if x["seed"] == 1 and utils._flat_recipe(x["notebook_recipe"], "bn") == want)
 
 
 def test_readme_no_dropout_claims_hold_for_the_records():
@@ -1050,7 +1049,7 @@ def test_readme_no_dropout_claims_hold_for_the_records():
     a point, above every other 20-epoch BatchNorm run of the separable builds on this CPU, and test accuracy
     below the recipe's three-seed mean, inside the seeds' spread"."""
     bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
-    trial = bn_stack_trial(dropout=0.0)
+    trial = bn_stack_trial(bn, cpu, dropout=0.0)
     assert trial["train_final"] > bn["history"][-1]["train_acc"] + 1
     others = [x for x in cpu if x != trial and len(x["history"]) == 20
               and x["notebook_recipe"]["build"].startswith("separable")]
@@ -1063,8 +1062,8 @@ def test_readme_crops_instead_of_dropout_claims_hold_for_the_records():
     """README section 6: with crops on top of no dropout "the crops took back more train accuracy than the
     dropout had cost, to below the notebook run's, and test accuracy ended level with the run without
     dropout, a few hundredths apart"."""
-    bn = utils.load_results(RESULTS / "bn.json")
-    no_dropout, crops = bn_stack_trial(dropout=0.0), bn_stack_trial(dropout=0.0, crop_pad=2)
+    bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
+    no_dropout, crops = bn_stack_trial(bn, cpu, dropout=0.0), bn_stack_trial(bn, cpu, dropout=0.0, crop_pad=2)
     assert crops["train_final"] < bn["history"][-1]["train_acc"] < no_dropout["train_final"]
     assert abs(crops["final"] - no_dropout["final"]) < 0.05
 
@@ -1073,7 +1072,7 @@ def test_readme_shorter_average_claims_hold_for_the_records():
     """README section 6: `ema=0.998` "retraced the notebook's own run up to the last test, and ended a little
     below it, by less than half the seeds' standard deviation"."""
     bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
-    shorter = bn_stack_trial(ema=0.998)
+    shorter = bn_stack_trial(bn, cpu, ema=0.998)
     assert averaged_trajectory(shorter) == averaged_trajectory(bn)
     drop = bn["history"][-1]["test_acc"] - shorter["final"]
     assert 0 < drop < 0.5 * statistics.stdev(utils._seed_accuracies(bn, cpu).values())
