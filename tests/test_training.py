@@ -1076,3 +1076,14 @@ def test_readme_shorter_average_claims_hold_for_the_records():
     assert averaged_trajectory(shorter) == averaged_trajectory(bn)
     drop = bn["history"][-1]["test_acc"] - shorter["final"]
     assert 0 < drop < 0.5 * statistics.stdev(utils._seed_accuracies(bn, cpu).values())
+
+
+def test_readme_twice_the_steps_claims_hold_for_the_records():
+    """README section 6: half the batch at half the lr ("batch_size=32, lr=0.025") ended with "train accuracy
+    below the notebook run's, and test accuracy below the recipe's three-seed mean, inside the seeds' spread"."""
+    bn, cpu = utils.load_results(RESULTS / "bn.json"), cpu_notebook_runs("bn")
+    trial = bn_stack_trial(bn, cpu, batch_size=32, lr=0.025)
+    assert trial["history"][-1]["epoch"] == 20
+    assert trial["train_final"] < bn["history"][-1]["train_acc"]
+    seeds = utils._seed_accuracies(bn, cpu).values()
+    assert min(seeds) < trial["final"] < statistics.mean(seeds)
