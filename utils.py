@@ -739,16 +739,18 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
 
 
 def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
-                 channels_last=True):
+                 channels_last=True, test_batch_size=None):
     """Train and test loaders as every notebook and script uses them. Mean and std come from
-    the (possibly subset) training images; only the train loader shuffles and augments."""
+    the (possibly subset) training images; only the train loader shuffles and augments. The test
+    loader takes recipe.batch_size unless `test_batch_size` names another (evaluation gives the same
+    numbers at any batch size: BatchNorm tests with its running statistics)."""
     train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
     test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
     mean, std = channel_mean_std(train_x)
     common = dict(mean=mean, std=std, batch_size=recipe.batch_size, device=device,
                   channels_last=channels_last)
     train = Loader(train_x, train_y, shuffle=True, augment=recipe.augment, seed=seed, **common)
-    test = Loader(test_x, test_y, **common)
+    test = Loader(test_x, test_y, **dict(common, batch_size=test_batch_size or recipe.batch_size))
     return train, test
 
 
@@ -1243,6 +1245,39 @@ def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
     return "\n".join(rows)
 
 
+def _batch_sweeps(runs):
+    """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm and batch
+    the same: seed, epochs, training images, machine, data), newest sweep last."""
+    sweeps = {}
+    for r in runs:
+        sweeps.setdefault((r["seed"], r["epochs"], r["train_subset"], machine(r), r["data"]), []).append(r)
+    return list(sweeps.values())
+
+
+def batch_size_table(runs):
+    """One table per batch-size sweep (benchmarks/batch_size.py): a row per batch size, the final test
+    accuracy of each norm, led by a line that says what every run of it trained on."""
+    blocks = []
+    for sweep in _batch_sweeps(runs):
+        first = sweep[0]
+        norms = [n for n in NORMS if any(r["norm"] == n for r in sweep)]
+        final = {(r["norm"], r["batch_size"]): r for r in sweep}
+        rows = [f"Measured on {first['device']}, data `{first['data']}`, seed {first['seed']}, {first['epochs']} "
+                f"epochs on {first['train_subset']:,} training images, the full test set; each norm's notebook "
+                f"recipe with lr scaled by batch / 64 and no weight average. Final test accuracy "
+                f"(final train accuracy):", "",
+                "| batch | steps per epoch | peak lr | " + " | ".join(NORMS[n] for n in norms) + " |",
+                "|---|---|---|" + "---|" * len(norms)]
+        for batch in sorted({r["batch_size"] for r in sweep}):
+            cells = [f"**{final[n, batch]['final']:.2f}%** ({final[n, batch]['train_final']:.2f}%)"
+                     if (n, batch) in final else "not run" for n in norms]
+            lr = next(r["lr"] for r in sweep if r["batch_size"] == batch)
+            rows.append(f"| {batch} | {math.ceil(first['train_subset'] / batch):,} | {lr:.4g} | "
+                        + " | ".join(cells) + " |")
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) if blocks else "No batch-size sweep has run yet (`benchmarks/batch_size.py`)."
+
+
 def speed_table(records):
     """benchmarks/speed.py results, one row per machine; records from before a column existed
     show "-" there (their build was the reference one)."""
@@ -1300,8 +1335,8 @@ def earlier_records(results_dir, records):
 
 def render_report(root="."):
     """Rewrite the README's generated blocks (headline, results, seeds, targets, trials, tuning, effects, speed,
-    data statistics, JPEG quality, lr range tests), doc/trials.md, doc/comparison.png,
-    doc/bn_fit_vs_test.png and doc/lr_range.png, from doc/results/ and the executed notebooks."""
+    data statistics, JPEG quality, batch sizes, lr range tests), doc/trials.md, doc/comparison.png,
+    doc/bn_fit_vs_test.png, doc/batch_size.png and doc/lr_range.png, from doc/results/ and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORMS
@@ -1346,6 +1381,10 @@ def render_report(root="."):
     text = _replace_block(text, "jpeg", jpeg_table(records, read_jsonl(results_dir / "jpeg-quality.jsonl"), runs,
                                                   earlier))
     text = _replace_block(text, "stats", f"```\n{stats}\n```")
+    batch_runs = read_jsonl(results_dir / "batch-size.jsonl")
+    if batch_runs:
+        plot_batch_sizes(batch_runs, path=root / "doc" / "batch_size.png")
+    text = _replace_block(text, "batch-size", batch_size_table(batch_runs))
     lr_range = results_dir / "lr-range.json"
     if lr_range.exists():
         lr_records = json.loads(lr_range.read_text())
@@ -1430,6 +1469,29 @@ def plot_comparison(histories, path=None):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_batch_sizes(runs, path=None):
+    """The newest batch-size sweep (benchmarks/batch_size.py): final test accuracy (solid) and final train
+    accuracy (dotted) against the batch size, one colour per norm."""
+    sweep = _batch_sweeps(runs)[-1]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for norm in NORMS:
+        mine = sorted((r for r in sweep if r["norm"] == norm), key=lambda r: r["batch_size"])
+        if not mine:
+            continue
+        batches = [r["batch_size"] for r in mine]
+        line, = ax.plot(batches, [r["final"] for r in mine], "-o", label=f"{NORMS[norm]} test")
+        ax.plot(batches, [r["train_final"] for r in mine], ":", color=line.get_color(), label=f"{NORMS[norm]} train")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["batch_size"] for r in sweep}), labels=sorted({r["batch_size"] for r in sweep}))
+    ax.set(xlabel="batch size (peak lr scaled by batch / 64)", ylabel="final accuracy (%)",
+           title=f"Batch size: {sweep[0]['epochs']} epochs on {sweep[0]['train_subset']:,} images, seed {sweep[0]['seed']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
 

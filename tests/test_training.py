@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import statistics
@@ -1087,3 +1088,80 @@ def test_readme_twice_the_steps_claims_hold_for_the_records():
     assert trial["train_final"] < bn["history"][-1]["train_acc"]
     seeds = utils._seed_accuracies(bn, cpu).values()
     assert min(seeds) < trial["final"] < statistics.mean(seeds)
+
+
+def test_batch_size_benchmark_scales_the_lr_and_keeps_the_rest_of_the_recipe(load_benchmark):
+    batch_size = load_benchmark("batch_size")
+    for norm in utils.NORMS:
+        notebook, small = utils.recipe_for(norm), batch_size.batch_recipe(norm, 16, epochs=4)
+        assert small.lr == pytest.approx(notebook.lr * 16 / 64)
+        assert (small.batch_size, small.epochs, small.ema) == (16, 4, 0.0)
+        assert {k for k, *_ in utils._recipe_diff(utils.recipe_dict(notebook), utils.recipe_dict(small), norm)} \
+            == {"lr", "batch_size", "epochs", "ema"}
+    with pytest.raises(ValueError, match="at least one image"):
+        batch_size.batch_recipe("bn", 0, epochs=4)
+
+
+def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark, monkeypatch, tmp_path):
+    batch_size = load_benchmark("batch_size")
+    small = dataclasses.replace(cifar, test_images=cifar.test_images[::50], test_labels=cifar.test_labels[::50])
+    monkeypatch.setattr(utils, "load_cifar10", lambda source=None: small)
+    out = tmp_path / "batch-size.jsonl"
+    argv = ["--out", str(out), "--norms", "bn,gn", "--batches", "2,8", "--epochs", "1", "--train-subset", "64"]
+    batch_size.main(argv)
+    runs = utils.read_jsonl(out)
+    assert [(r["norm"], r["batch_size"]) for r in runs] == [("bn", 2), ("gn", 2), ("bn", 8), ("gn", 8)]
+    for r in runs:
+        assert r["recipe"]["batch_size"] == r["batch_size"] and r["lr"] == r["recipe"]["lr"]
+        assert len(r["history"]) == 1 and r["final"] == r["history"][-1]["test_acc"]
+        assert 0 <= r["final"] <= 100 and r["train_subset"] == 64
+    batch_size.main(argv)                       # everything is in --out already: nothing runs again
+    assert utils.read_jsonl(out) == runs
+    table = utils.batch_size_table(runs)
+    assert "| 2 | 32 | 0.001563 | **" in table and "| 8 | 8 | 0.00625 | **" in table
+    assert table.count("not run") == 0 and "LayerNorm" not in table
+    assert utils.plot_batch_sizes(runs, path=tmp_path / "batch.png") and (tmp_path / "batch.png").stat().st_size
+
+
+def test_batch_size_table_marks_runs_not_made_and_keeps_sweeps_apart():
+    run = dict(norm="bn", batch_size=4, seed=1, epochs=2, train_subset=1000, device="CPU (2 threads)",
+               data="x", lr=0.003125, final=50.0, train_final=40.0)
+    other = dict(run, norm="gn", batch_size=16, lr=0.0125)
+    longer = dict(run, epochs=4)
+    table = utils.batch_size_table([run, other, longer])
+    assert table.count("| batch |") == 2                       # the 4-epoch run is a sweep of its own
+    assert table.count("not run") == 2                          # gn at batch 4, bn at batch 16
+    assert "2 epochs on 1,000 training images" in table and "4 epochs on 1,000 training images" in table
+
+
+def test_make_loaders_takes_its_own_test_batch(cifar):
+    recipe = utils.recipe_for("bn")
+    train, test = utils.make_loaders(cifar, recipe, "cpu", train_subset=100, test_subset=120, test_batch_size=50)
+    assert (train.batch_size, len(train)) == (64, 2) and (test.batch_size, len(test)) == (50, 3)
+    assert utils.make_loaders(cifar, recipe, "cpu", train_subset=100, test_subset=120)[1].batch_size == 64
+
+
+def test_readme_batch_size_block_and_claims_hold_for_the_records():
+    """README section 5: the batch-size block is what batch_size_table writes from the committed sweep, and its
+    prose holds: "at batch 2 BatchNorm ends below both LayerNorm and GroupNorm; at every larger batch of the sweep
+    it ends above both"; "its loss from its best batch to batch 2 is more than five times the whole range that
+    either per-sample norm spans"; its train accuracy "falls at every step down in batch size", while
+    GroupNorm's and LayerNorm's "stay within a point of themselves across the sweep"."""
+    runs = utils.read_jsonl(RESULTS / "batch-size.jsonl")
+    assert utils.batch_size_table(runs) in (ROOT / "README.md").read_text()
+    sweep = utils._batch_sweeps(runs)[-1]
+    test = {(r["norm"], r["batch_size"]): r["final"] for r in sweep}
+    train = {(r["norm"], r["batch_size"]): r["train_final"] for r in sweep}
+    batches = sorted({b for _, b in test})
+    assert batches[0] == 2 and len(batches) >= 3 and len(test) == 3 * len(batches)
+    assert test["bn", 2] < min(test["ln", 2], test["gn", 2])
+    for b in batches[1:]:
+        assert test["bn", b] > max(test["ln", b], test["gn", b]), b
+    bn_loss = max(test["bn", b] for b in batches) - test["bn", 2]
+    for norm in ("ln", "gn"):
+        accs = [test[norm, b] for b in batches]
+        assert bn_loss > 5 * (max(accs) - min(accs)), norm
+        fits = [train[norm, b] for b in batches]
+        assert max(fits) - min(fits) < 1, norm
+    bn_fit = [train["bn", b] for b in batches]
+    assert bn_fit == sorted(bn_fit) and len(set(bn_fit)) == len(bn_fit)
