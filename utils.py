@@ -1246,31 +1246,54 @@ def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
 
 
 def _batch_sweeps(runs):
-    """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm and batch
-    the same: seed, epochs, training images, machine, data), newest sweep last."""
+    """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm, batch and
+    seed the same: epochs, training images, machine, data), in the order they first appear."""
     sweeps = {}
     for r in runs:
-        sweeps.setdefault((r["seed"], r["epochs"], r["train_subset"], machine(r), r["data"]), []).append(r)
+        sweeps.setdefault((r["epochs"], r["train_subset"], machine(r), r["data"]), []).append(r)
     return list(sweeps.values())
 
 
+def batch_size_means(sweep):
+    """{(norm, batch): dict(final, train_final: means over the sweep's seeds of that cell, std: of the finals,
+    seeds)} for one sweep of _batch_sweeps."""
+    cells = {}
+    for r in sweep:
+        cells.setdefault((r["norm"], r["batch_size"]), []).append(r)
+    return {key: dict(final=float(np.mean([r["final"] for r in rs])),
+                      train_final=float(np.mean([r["train_final"] for r in rs])),
+                      std=float(np.std([r["final"] for r in rs], ddof=1)) if len(rs) > 1 else None,
+                      seeds=sorted(r["seed"] for r in rs))
+            for key, rs in cells.items()}
+
+
 def batch_size_table(runs):
-    """One table per batch-size sweep (benchmarks/batch_size.py): a row per batch size, the final test
-    accuracy of each norm, led by a line that says what every run of it trained on."""
+    """One table per batch-size sweep (benchmarks/batch_size.py): a row per batch size, each norm's final
+    test accuracy (the mean over the sweep's seeds, ± their standard deviation) and final train accuracy,
+    led by a line that says what every run of it trained on."""
     blocks = []
     for sweep in _batch_sweeps(runs):
-        first = sweep[0]
+        first, means = sweep[0], batch_size_means(sweep)
         norms = [n for n in NORMS if any(r["norm"] == n for r in sweep)]
-        final = {(r["norm"], r["batch_size"]): r for r in sweep}
-        rows = [f"Measured on {first['device']}, data `{first['data']}`, seed {first['seed']}, {first['epochs']} "
+        seeds = sorted({r["seed"] for r in sweep})
+        pooled = (f"seeds {', '.join(map(str, seeds))} (each cell the mean over them, ± their standard deviation)"
+                  if len(seeds) > 1 else f"seed {seeds[0]}")
+        rows = [f"Measured on {first['device']}, data `{first['data']}`, {pooled}, {first['epochs']} "
                 f"epochs on {first['train_subset']:,} training images, the full test set; each norm's notebook "
                 f"recipe with lr scaled by batch / 64 and no weight average. Final test accuracy "
                 f"(final train accuracy):", "",
                 "| batch | steps per epoch | peak lr | " + " | ".join(NORMS[n] for n in norms) + " |",
                 "|---|---|---|" + "---|" * len(norms)]
         for batch in sorted({r["batch_size"] for r in sweep}):
-            cells = [f"**{final[n, batch]['final']:.2f}%** ({final[n, batch]['train_final']:.2f}%)"
-                     if (n, batch) in final else "not run" for n in norms]
+            cells = []
+            for n in norms:
+                m = means.get((n, batch))
+                if m is None:
+                    cells.append("not run")
+                    continue
+                spread = f" ± {m['std']:.2f}" if m["std"] is not None else ""
+                partial = f" (seed {', '.join(map(str, m['seeds']))} only)" if m["seeds"] != seeds else ""
+                cells.append(f"**{m['final']:.2f}%**{spread} ({m['train_final']:.2f}%){partial}")
             lr = next(r["lr"] for r in sweep if r["batch_size"] == batch)
             rows.append(f"| {batch} | {math.ceil(first['train_subset'] / batch):,} | {lr:.4g} | "
                         + " | ".join(cells) + " |")
@@ -1474,24 +1497,32 @@ def plot_comparison(histories, path=None):
 
 
 def plot_batch_sizes(runs, path=None):
-    """The newest batch-size sweep (benchmarks/batch_size.py): final test accuracy (solid) and final train
-    accuracy (dotted) against the batch size, one colour per norm."""
+    """The last batch-size sweep of _batch_sweeps (benchmarks/batch_size.py): final test accuracy (solid, with
+    the seeds' standard deviation as error bars where there are several) and final train accuracy (dotted)
+    against the batch size, means over the seeds, one colour per norm."""
     sweep = _batch_sweeps(runs)[-1]
+    means = batch_size_means(sweep)
+    batches = sorted({b for _, b in means})
+    seeds = sorted({r["seed"] for r in sweep})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for norm in NORMS:
-        mine = sorted((r for r in sweep if r["norm"] == norm), key=lambda r: r["batch_size"])
+        mine = [(b, means[norm, b]) for b in batches if (norm, b) in means]
         if not mine:
             continue
-        batches = [r["batch_size"] for r in mine]
-        line, = ax.plot(batches, [r["final"] for r in mine], "-o", label=f"{NORMS[norm]} test")
-        ax.plot(batches, [r["train_final"] for r in mine], ":", color=line.get_color(), label=f"{NORMS[norm]} train")
+        xs = [b for b, _ in mine]
+        line = ax.errorbar(xs, [m["final"] for _, m in mine], yerr=[m["std"] or 0 for _, m in mine], fmt="-o",
+                           capsize=3, label=f"{NORMS[norm]} test")[0]
+        ax.plot(xs, [m["train_final"] for _, m in mine], ":", color=line.get_color(), label=f"{NORMS[norm]} train")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["batch_size"] for r in sweep}), labels=sorted({r["batch_size"] for r in sweep}))
+    ax.set_xticks(batches, labels=batches)
     ax.set(xlabel="batch size (peak lr scaled by batch / 64)", ylabel="final accuracy (%)",
-           title=f"Batch size: {sweep[0]['epochs']} epochs on {sweep[0]['train_subset']:,} images, seed {sweep[0]['seed']}")
+           title=f"Batch size: {sweep[0]['epochs']} epochs on {sweep[0]['train_subset']:,} images, "
+                 + (f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=labels.__getitem__)     # each norm's test line beside its train line
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
 

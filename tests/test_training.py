@@ -1132,6 +1132,11 @@ def test_batch_size_table_marks_runs_not_made_and_keeps_sweeps_apart():
     assert table.count("| batch |") == 2                       # the 4-epoch run is a sweep of its own
     assert table.count("not run") == 2                          # gn at batch 4, bn at batch 16
     assert "2 epochs on 1,000 training images" in table and "4 epochs on 1,000 training images" in table
+    # a second seed of the same sweep pools into its cells: the mean, the seeds' std, and where a cell lacks it
+    pooled = utils.batch_size_table([run, other, dict(run, seed=2, final=52.0, train_final=42.0)])
+    assert "seeds 1, 2 (each cell the mean over them" in pooled
+    assert "| 4 | 250 | 0.003125 | **51.00%** ± 1.41 (41.00%) | not run |" in pooled
+    assert "**50.00%** (40.00%) (seed 1 only) |" in pooled
 
 
 def test_make_loaders_takes_its_own_test_batch(cifar):
@@ -1149,9 +1154,10 @@ def test_readme_batch_size_block_and_claims_hold_for_the_records():
     GroupNorm's and LayerNorm's "stay within a point of themselves across the sweep"."""
     runs = utils.read_jsonl(RESULTS / "batch-size.jsonl")
     assert utils.batch_size_table(runs) in (ROOT / "README.md").read_text()
-    sweep = utils._batch_sweeps(runs)[-1]
-    test = {(r["norm"], r["batch_size"]): r["final"] for r in sweep}
-    train = {(r["norm"], r["batch_size"]): r["train_final"] for r in sweep}
+    means = utils.batch_size_means(utils._batch_sweeps(runs)[-1])
+    assert all(m["seeds"] == [1, 2] for m in means.values())     # "with seeds 1 and 2 of every run"
+    test = {key: m["final"] for key, m in means.items()}
+    train = {key: m["train_final"] for key, m in means.items()}
     batches = sorted({b for _, b in test})
     assert batches[0] == 2 and len(batches) >= 3 and len(test) == 3 * len(batches)
     assert test["bn", 2] < min(test["ln", 2], test["gn", 2])
