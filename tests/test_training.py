@@ -1150,8 +1150,9 @@ def test_readme_batch_size_block_and_claims_hold_for_the_records():
     """README section 5: the batch-size block is what batch_size_table writes from the committed sweep, and its
     prose holds: "at batch 2 BatchNorm ends below both LayerNorm and GroupNorm; at every larger batch of the sweep
     it ends above both"; "its loss from its best batch to batch 2 is more than five times the whole range that
-    either per-sample norm spans"; its train accuracy "falls at every step down in batch size", while
-    GroupNorm's and LayerNorm's "stay within a point of themselves across the sweep"."""
+    either per-sample norm spans"; its train accuracy "falls at every step down in batch size"
+    and "from batch 64 to batch 2 further than its test accuracy", while GroupNorm's and LayerNorm's "stay within
+    a point of themselves across the sweep"."""
     runs = utils.read_jsonl(RESULTS / "batch-size.jsonl")
     assert utils.batch_size_table(runs) in (ROOT / "README.md").read_text()
     means = utils.batch_size_means(utils._batch_sweeps(runs)[-1])
@@ -1171,3 +1172,5 @@ def test_readme_batch_size_block_and_claims_hold_for_the_records():
         assert max(fits) - min(fits) < 1, norm
     bn_fit = [train["bn", b] for b in batches]
     assert bn_fit == sorted(bn_fit) and len(set(bn_fit)) == len(bn_fit)
+    # "from batch 64 to batch 2 further than its test accuracy"
+    assert train["bn", 64] - train["bn", 2] > test["bn", 64] - test["bn", 2] > 0
