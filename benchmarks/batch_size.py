@@ -29,15 +29,13 @@ import torch  # noqa: E402
 import utils  # noqa: E402
 from model import count_parameters  # noqa: E402
 
-NOTEBOOK_BATCH = 64     # the batch the notebooks' lr was chosen for
-
-
 def batch_recipe(norm, batch_size, epochs):
-    """The norm's notebook recipe at `batch_size`, lr scaled linearly from batch 64, no weight average."""
+    """The norm's notebook recipe at `batch_size`, lr scaled linearly from the notebook's own batch (64),
+    no weight average."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: a batch holds at least one image; choose 1 or more")
     recipe = utils.recipe_for(norm)
-    return replace(recipe, batch_size=batch_size, lr=recipe.lr * batch_size / NOTEBOOK_BATCH,
+    return replace(recipe, batch_size=batch_size, lr=recipe.lr * batch_size / recipe.batch_size,
                    epochs=epochs, ema=0.0)
 
 
@@ -80,7 +78,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(f"--batches {a.batches!r}: {e}")
     done = {(r["norm"], r["batch_size"], r["seed"], r["epochs"], r["train_subset"])
-            for r in (utils.read_jsonl(a.out) if os.path.exists(a.out) else [])}
+            for r in utils.read_jsonl(a.out)}
     todo = [(n, b) for b in batches for n in norms
             if (n, b, a.seed, a.epochs, a.train_subset) not in done]
     for n, b in todo:
