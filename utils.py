@@ -661,6 +661,18 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     return history
 
 
+def fit_record(model, train_loader, test_loader, recipe, progress=False):
+    """`fit`, timed, returned as the fields every benchmark record of a training run holds: the model's
+    parameters, its final and best test accuracy, its final train accuracy, the seconds and device it
+    took, and the history (benchmarks/sweep.py and batch_size.py add what they varied)."""
+    start = time.time()
+    history = fit(model, train_loader, test_loader, recipe, progress=progress)
+    return dict(params=count_parameters(model), final=history[-1]["test_acc"],
+                best=max(h["test_acc"] for h in history), train_final=history[-1]["train_acc"],
+                seconds=round(time.time() - start, 1), device=device_name(next(model.parameters()).device),
+                history=history)
+
+
 def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, stop_factor=4.0,
                   smoothing=0.98, progress=True):
     """Leslie Smith's learning-rate range test: train model (its weights change: pass a fresh one)

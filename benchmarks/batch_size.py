@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from model import count_parameters  # noqa: E402
+
 
 def batch_recipe(norm, batch_size, epochs):
     """The norm's notebook recipe at `batch_size`, lr scaled linearly from the notebook's own batch (64),
@@ -46,13 +45,9 @@ def run(data, norm, batch_size, epochs, train_subset, seed, device, progress=Fal
     model = recipe.make_model(norm).to(device)
     train, test = utils.make_loaders(data, recipe, device, seed=seed, train_subset=train_subset,
                                      test_batch_size=500)
-    start = time.time()
-    history = utils.fit(model, train, test, recipe, progress=progress)
     return dict(norm=norm, batch_size=batch_size, seed=seed, epochs=epochs, train_subset=train_subset,
-                lr=recipe.lr, params=count_parameters(model), final=history[-1]["test_acc"],
-                train_final=history[-1]["train_acc"], seconds=round(time.time() - start, 1),
-                device=utils.device_name(device), data=data.source, recipe=utils.recipe_dict(recipe),
-                history=history)
+                lr=recipe.lr, data=data.source, recipe=utils.recipe_dict(recipe),
+                **utils.fit_record(model, train, test, recipe, progress=progress))
 
 
 def main(argv=None):

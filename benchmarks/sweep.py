@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import fields, replace
 from multiprocessing import get_context
 
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from model import Net, count_parameters  # noqa: E402
+from model import Net  # noqa: E402
 
 WIDTHS = {
     "ref": (16, 32, 16, 32, 32, 32, 16, 16, 32, 32),
@@ -222,12 +221,7 @@ def run_one(spec, data_path, device, threads=1, smoke=False, progress=False):
     if smoke:
         recipe, subsets = replace(recipe, epochs=1), dict(train_subset=512, test_subset=512)
     train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], **subsets)
-    start = time.time()
-    history = utils.fit(model, train, test, recipe, progress=progress)
-    return dict(spec, params=count_parameters(model), final=history[-1]["test_acc"],
-                best=max(h["test_acc"] for h in history), train_final=history[-1]["train_acc"],
-                seconds=round(time.time() - start, 1), device=utils.device_name(device),
-                history=history)
+    return dict(spec, **utils.fit_record(model, train, test, recipe, progress=progress))
 
 
 def worker(args):

@@ -1115,6 +1115,8 @@ def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark
         assert r["recipe"]["batch_size"] == r["batch_size"] and r["lr"] == r["recipe"]["lr"]
         assert len(r["history"]) == 1 and r["final"] == r["history"][-1]["test_acc"]
         assert 0 <= r["final"] <= 100 and r["train_subset"] == 64
+        assert r["best"] == max(h["test_acc"] for h in r["history"]) and r["seconds"] > 0
+        assert r["params"] == utils.count_parameters(utils.recipe_for(r["norm"]).make_model(r["norm"]))
     batch_size.main(argv)                       # everything is in --out already: nothing runs again
     assert utils.read_jsonl(out) == runs
     table = utils.batch_size_table(runs)
