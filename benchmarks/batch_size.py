@@ -13,8 +13,8 @@ moving average of the weights is off (`ema=0`: a short run at a large batch take
 it to forget its random start), the rest is the notebook recipe. Runs already in --out are skipped, so
 a cut-off sweep resumes where it stopped.
 
-    python benchmarks/batch_size.py --data ../shared/data/cifar10-jpeg.tar.gz \\
-        --out doc/results/batch-size.jsonl
+    for seed in 1 2 3; do python benchmarks/batch_size.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+        --out doc/results/batch-size.jsonl --seed $seed; done
 """
 import argparse
 import json
@@ -56,7 +56,7 @@ def main(argv=None):
                    "default: $S8_DATA, else torchvision's download into data/")
     p.add_argument("--out", required=True, help="JSON-lines file each run's record is appended to")
     p.add_argument("--norms", default="bn,gn,ln")
-    p.add_argument("--batches", default="2,4,16,64", help="comma-separated batch sizes")
+    p.add_argument("--batches", default="2,4,8,16,32,64", help="comma-separated batch sizes")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-subset", type=int, default=20000, help="training images per run")
     p.add_argument("--seed", type=int, default=1)
