@@ -1168,7 +1168,7 @@ def test_readme_batch_size_block_and_claims_hold_for_the_records():
     it ends above both"; "its loss from its best batch to batch 2 is more than five times the whole range that
     either per-sample norm spans"; its train accuracy "falls at every step down in batch size"
     and "from batch 64 to batch 2 further than its test accuracy", while GroupNorm's and LayerNorm's "span less
-    than a point and a half across the whole sweep, under a quarter of the step BatchNorm's takes from batch 2 to
+    than two points across the whole sweep, under a quarter of the step BatchNorm's takes from batch 2 to
     batch 4 alone"."""
     runs = utils.read_jsonl(RESULTS / "batch-size.jsonl")
     assert utils.batch_size_table(runs) in (ROOT / "README.md").read_text()
@@ -1186,7 +1186,7 @@ def test_readme_batch_size_block_and_claims_hold_for_the_records():
         accs = [test[norm, b] for b in batches]
         assert bn_loss > 5 * (max(accs) - min(accs)), norm
         fits = [train[norm, b] for b in batches]
-        assert max(fits) - min(fits) < min(1.5, (train["bn", 4] - train["bn", 2]) / 4), norm
+        assert max(fits) - min(fits) < min(2, (train["bn", 4] - train["bn", 2]) / 4), norm
     bn_fit = [train["bn", b] for b in batches]
     assert bn_fit == sorted(bn_fit) and len(set(bn_fit)) == len(bn_fit)
     # "from batch 64 to batch 2 further than its test accuracy"
