@@ -1257,12 +1257,19 @@ def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
     return "\n".join(rows)
 
 
+def base_batch(run):
+    """The batch a benchmarks/batch_size.py run scaled its lr from (the notebooks' batch when it ran). Runs from
+    before the record carried it all scaled from 64, the notebooks' batch then."""
+    return run.get("base_batch", 64)
+
+
 def _batch_sweeps(runs):
     """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm, batch and
-    seed the same: epochs, training images, machine, data), in the order they first appear."""
+    seed the same: epochs, training images, machine, data, the batch the lr scales from), in the order they
+    first appear."""
     sweeps = {}
     for r in runs:
-        sweeps.setdefault((r["epochs"], r["train_subset"], machine(r), r["data"]), []).append(r)
+        sweeps.setdefault((r["epochs"], r["train_subset"], machine(r), r["data"], base_batch(r)), []).append(r)
     return list(sweeps.values())
 
 
@@ -1292,7 +1299,7 @@ def batch_size_table(runs):
                   if len(seeds) > 1 else f"seed {seeds[0]}")
         rows = [f"Measured on {first['device']}, data `{first['data']}`, {pooled}, {first['epochs']} "
                 f"epochs on {first['train_subset']:,} training images, the full test set; each norm's notebook "
-                f"recipe with lr scaled by batch / 64 and no weight average. Final test accuracy "
+                f"recipe with lr scaled by batch / {base_batch(first)} and no weight average. Final test accuracy "
                 f"(final train accuracy):", "",
                 "| batch | steps per epoch | peak lr | " + " | ".join(NORMS[n] for n in norms) + " |",
                 "|---|---|---|" + "---|" * len(norms)]

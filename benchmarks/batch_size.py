@@ -29,7 +29,7 @@ import utils  # noqa: E402
 
 
 def batch_recipe(norm, batch_size, epochs):
-    """The norm's notebook recipe at `batch_size`, lr scaled linearly from the notebook's own batch (64),
+    """The norm's notebook recipe at `batch_size`, lr scaled linearly from the notebook's own batch (64 today),
     no weight average."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: a batch holds at least one image; choose 1 or more")
@@ -40,13 +40,13 @@ def batch_recipe(norm, batch_size, epochs):
 
 def run(data, norm, batch_size, epochs, train_subset, seed, device, progress=False):
     """One short run of `batch_recipe`; returns its record (the history with what it trained)."""
-    recipe = batch_recipe(norm, batch_size, epochs)
+    recipe, base = batch_recipe(norm, batch_size, epochs), utils.recipe_for(norm).batch_size
     utils.set_seed(seed)
     model = recipe.make_model(norm).to(device)
     train, test = utils.make_loaders(data, recipe, device, seed=seed, train_subset=train_subset,
                                      test_batch_size=500)
-    return dict(norm=norm, batch_size=batch_size, seed=seed, epochs=epochs, train_subset=train_subset,
-                lr=recipe.lr, data=data.source, recipe=utils.recipe_dict(recipe),
+    return dict(norm=norm, batch_size=batch_size, base_batch=base, seed=seed, epochs=epochs,
+                train_subset=train_subset, lr=recipe.lr, data=data.source, recipe=utils.recipe_dict(recipe),
                 **utils.fit_record(model, train, test, recipe, progress=progress))
 
 

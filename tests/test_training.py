@@ -1127,6 +1127,8 @@ def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark
     assert [(r["norm"], r["batch_size"]) for r in runs] == [("bn", 2), ("gn", 2), ("bn", 8), ("gn", 8)]
     for r in runs:
         assert r["recipe"]["batch_size"] == r["batch_size"] and r["lr"] == r["recipe"]["lr"]
+        assert r["base_batch"] == utils.recipe_for(r["norm"]).batch_size
+        assert r["lr"] == pytest.approx(utils.recipe_for(r["norm"]).lr * r["batch_size"] / r["base_batch"])
         assert len(r["history"]) == 1 and r["final"] == r["history"][-1]["test_acc"]
         assert 0 <= r["final"] <= 100 and r["train_subset"] == 64
         assert r["best"] == max(h["test_acc"] for h in r["history"]) and r["seconds"] > 0
@@ -1135,6 +1137,7 @@ def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark
     assert utils.read_jsonl(out) == runs
     table = utils.batch_size_table(runs)
     assert "| 2 | 32 | 0.001563 | **" in table and "| 8 | 8 | 0.00625 | **" in table
+    assert f"lr scaled by batch / {utils.recipe_for('bn').batch_size} " in table
     assert table.count("not run") == 0 and "LayerNorm" not in table
     assert utils.plot_batch_sizes(runs, path=tmp_path / "batch.png") and (tmp_path / "batch.png").stat().st_size
 
@@ -1153,6 +1156,10 @@ def test_batch_size_table_marks_runs_not_made_and_keeps_sweeps_apart():
     assert "seeds 1, 2 (each cell the mean over them" in pooled
     assert "| 4 | 250 | 0.003125 | **51.00%** ± 1.41 (41.00%) | not run |" in pooled
     assert "**50.00%** (40.00%) (seed 1 only) |" in pooled
+    # runs from before records carried base_batch scaled from 64; a sweep scaled from another batch stands apart
+    rebased = utils.batch_size_table([run, dict(run, base_batch=32, lr=0.00625)])
+    assert rebased.count("| batch |") == 2
+    assert "lr scaled by batch / 64 " in rebased and "lr scaled by batch / 32 " in rebased
 
 
 def test_make_loaders_takes_its_own_test_batch(cifar):
