@@ -527,9 +527,17 @@ def whiten_init(conv, images, n=2000, eps=5e-4):
     conv.weight[:2 * m] = filters.reshape(2 * m, *conv.weight.shape[1:]).to(conv.weight)
 
 
+def computes_bf16(device):
+    """Whether training on `device` runs in bf16 autocast: on a CUDA GPU that has bf16 arithmetic (compute
+    capability 8.0 on: A100, L4, H100). Older GPUs such as the T4 of Colab's free tier only emulate bf16, and
+    cuDNN has no bf16 convolutions for them, so they stay in fp32 like the CPU."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _autocast(device):
-    """bf16 autocast on CUDA (norms and the loss stay in fp32); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    """bf16 autocast where computes_bf16 (norms and the loss stay in fp32); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=computes_bf16(device))
 
 
 def batch_loss(model, x, y, label_smoothing=0.0):

@@ -149,6 +149,14 @@ def test_short_training_lowers_the_loss(cifar):
     assert len(classes) > 1 and sorted(true[:k].tolist()) == sorted(classes[:k].tolist())
 
 
+@pytest.mark.parametrize("capability, bf16", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_autocast_only_where_the_gpu_computes_bf16(monkeypatch, capability, bf16):
+    """A T4 (7.5, Colab's free GPU) trains in fp32: cuDNN has no bf16 convolutions below 8.0."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert utils.computes_bf16("cuda") is bf16 and utils.computes_bf16(torch.device("cuda", 0)) is bf16
+    assert utils.computes_bf16("cpu") is False
+
+
 def test_results_file_round_trip_and_atomic(tmp_path):
     history = [dict(epoch=1, train_loss=1.0, train_acc=50.0, test_loss=1.1, test_acc=71.0, lr=0.01, seconds=2.0)]
     path = tmp_path / "results" / "bn.json"
