@@ -213,6 +213,8 @@ class Net(nn.Module):
                              depthwise_norm=cfg.depthwise_norm, pointwise_groups=cfg.pointwise_groups)
 
         tail = cfg.tail_padding
+        # the smallest image that leaves C9 a pixel: two 2x2 pools, then C8 and C9 each take 2 * (1 - tail)
+        self.min_size = 4 * (1 + 4 * (1 - tail))
         self.layers = nn.Sequential(OrderedDict([
             ("C1", block("C1", 3, 3, 1)),             # (N, C1, 32, 32)
             ("C2", block("C2", w["C1"], 3, 1)),       # (N, C2, 32, 32)
@@ -233,6 +235,10 @@ class Net(nn.Module):
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Net expects a batch of RGB images shaped (N, 3, H, W), got {tuple(x.shape)}")
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(f"Net needs images of at least {self.min_size}x{self.min_size} pixels (two 2x2 poolings, "
+                             f"then C8 and C9), got {x.shape[2]}x{x.shape[3]}: resize them first, e.g. with "
+                             f"torchvision.transforms.Resize(32) (CIFAR-10's size)")
         x = self.layers(x)                  # (N, 10, 1, 1)
         x = x.flatten(1)                    # (N, 10)
         return F.log_softmax(x, dim=1)      # log-probabilities

@@ -78,6 +78,12 @@ def test_unknown_build_and_wrong_input():
         Net("bn", build="huge")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         Net("bn")(torch.randn(2, 1, 32, 32))
+    # a fully convolutional net takes other sizes down to the smallest that leaves C9 a pixel, and names the fix below it
+    for build, smallest in (("reference", 20), ("separable-tail", 4)):
+        net = Net("bn", build=build).eval()
+        assert net(torch.randn(2, 3, smallest, smallest)).shape == (2, 10)
+        with pytest.raises(ValueError, match=rf"at least {smallest}x{smallest} pixels.*got {smallest - 1}x32.*Resize"):
+            net(torch.randn(2, 3, smallest - 1, 32))
 
 
 def test_separable_blocks_are_depthwise_then_pointwise():
