@@ -1230,13 +1230,19 @@ def test_readme_last_single_changes_claims_hold_for_the_records():
     assert still["train_final"] > bn["history"][-1]["train_acc"] + 1
     assert 0 < still["final"] - bn["history"][-1]["test_acc"] < 0.1
     assert abs(still["final"] - max(seeds)) < 0.1
-    # "Its seed 2, run after, ended the same way against the stack's seed 2: train accuracy more than half a point
-    # higher, test accuracy within a few hundredths"
+    # "Its seeds 2 and 3 ... also ended more than half a point above the stack's run of the same seed in train
+    # accuracy; in test accuracy seed 2 ended within a few hundredths of it and seed 3 more than half a point above
+    # it. Over three seeds it leads the stack by about one standard deviation of the stack's seeds ... still most
+    # of a point short of the target in its mean"
     want = dict(utils._flat_recipe(bn["recipe"], "bn"), momentum_swing=0.0)
-    still2 = next(x for x in cpu if x["seed"] == 2 and utils._flat_recipe(x["notebook_recipe"], "bn") == want)
-    stack2 = [x for x in cpu if x["seed"] == 2 and utils._same_notebook_recipe(x, bn)]
-    assert len(stack2) == 1
-    assert still2["train_final"] > stack2[0]["train_final"] + 0.5
-    assert abs(still2["final"] - stack2[0]["final"]) < 0.1
+    runs = {x["seed"]: x for x in cpu if utils._flat_recipe(x["notebook_recipe"], "bn") == want}
+    stack = {x["seed"]: x for x in cpu if x["seed"] in (2, 3) and utils._same_notebook_recipe(x, bn)}
+    assert sorted(runs) == [1, 2, 3] and sorted(stack) == [2, 3]
+    for seed in (2, 3):
+        assert runs[seed]["train_final"] > stack[seed]["train_final"] + 0.5
+    assert abs(runs[2]["final"] - stack[2]["final"]) < 0.1 and runs[3]["final"] > stack[3]["final"] + 0.5
+    lead = statistics.mean(x["final"] for x in runs.values()) - statistics.mean(seeds)
+    assert 0.75 < lead / statistics.stdev(seeds) < 1.25
+    assert 0.5 < utils.TARGETS["bn"] - statistics.mean(x["final"] for x in runs.values()) < 1
     for trial in (smoothed, early, still):
         assert min(seeds) - 0.1 < trial["final"] < max(seeds) + 0.1
