@@ -5,6 +5,7 @@ Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training
 plots. Every notebook calls these; nothing here is notebook-specific.
 """
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -16,7 +17,6 @@ import tempfile
 import textwrap
 import time
 import urllib.error
-import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
 from model import NORM_LAYERS, NORMS, Net, count_parameters
@@ -188,17 +188,25 @@ def _decode_image_files(files, where):
         items.sort(key=lambda item: item[1])          # the same order on every machine
         for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5, ascii=True)):
             try:
-                with warnings.catch_warnings():   # torchvision 0.29 marks its decoders deprecated
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise RuntimeError(f"{where}: cannot decode {name} ({e}).") from None
+                img = decode_rgb(data)
+            except (OSError, ValueError) as e:      # PIL's UnidentifiedImageError is an OSError
+                raise RuntimeError(f"{where}: cannot decode {name} ({e}). Replace the file or fetch the "
+                                   f"copy again. {HOW_TO_PROVIDE}") from None
             if tuple(img.shape) != IMAGE_SHAPE:
                 raise RuntimeError(f"{where}: {name} is {img.shape[2]}x{img.shape[1]} pixels; CIFAR-10 "
                                    f"images are 32x32. Point {DATA_ENV} at an unresized copy.")
             images[i], labels[i] = img, CLASSES.index(cls)
         splits[split] = (images, labels)
     return splits, list(CLASSES)
+
+
+def decode_rgb(data):
+    """One image file's bytes (JPEG, PNG, ...) as uint8 RGB pixels, shape (3, H, W). Pillow decodes
+    (torchvision's own decoders are deprecated since 0.29); on the JPEG copy its pixels are exactly
+    torchvision's, all 60,000 images compared."""
+    with Image.open(io.BytesIO(data)) as img:
+        pixels = np.array(img.convert("RGB"))                 # (H, W, 3); grey or RGBA files too
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def _check_classes(classes, where):

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torchvision.io import decode_jpeg, encode_jpeg, encode_png  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import utils  # noqa: E402
@@ -54,17 +54,24 @@ def check_encoding(quality, shift):
         raise ValueError(f"shift={shift}: move the 8x8 block grid by 0 to 7 pixels (8 is the grid again)")
 
 
+def encode(image, fmt, **options):
+    """uint8 pixels (3, H, W) as the bytes of one image file, written by Pillow: fmt "JPEG" (libjpeg, 4:2:0
+    chroma subsampling; options: quality) or "PNG" (lossless). utils.decode_rgb reads them back."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
 def reencode(images, quality, shift=0):
-    """uint8 images (N, 3, H, W) through JPEG at `quality` and back (torchvision's encoder: libjpeg,
-    4:2:0 chroma subsampling). shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8
-    blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
+    """uint8 images (N, 3, H, W) through JPEG at `quality` and back (encode, then utils.decode_rgb).
+    shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8 blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
     the decoded images back to (H, W)."""
     check_encoding(quality, shift)
     h, w = images.shape[-2:]
     if shift:
         # replicate padding runs on floats; the padded pixels are copies of uint8 ones, so exact
         images = F.pad(images.float(), (shift,) * 4, mode="replicate").to(torch.uint8)
-    decoded = torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
+    decoded = torch.stack([utils.decode_rgb(encode(image, "JPEG", quality=quality)) for image in images])
     return decoded[..., shift:shift + h, shift:shift + w].contiguous()
 
 
@@ -88,11 +95,10 @@ def write_jpeg_copy(data, path, quality, shift=0, batch=1000):
                 chunk = images[start:start + batch]
                 if shift:
                     chunk = reencode(chunk, quality, shift)
-                    files, suffix = [encode_png(img) for img in chunk], "png"
+                    files, suffix = [encode(img, "PNG") for img in chunk], "png"
                 else:
-                    files, suffix = encode_jpeg(list(chunk), quality=quality), "jpg"
+                    files, suffix = [encode(img, "JPEG", quality=quality) for img in chunk], "jpg"
                 for file, label in zip(files, labels[start:start + batch].tolist()):
-                    file = file.numpy().tobytes()
                     member = tarfile.TarInfo(f"{split}/{data.classes[label]}/{seen[label]:05d}.{suffix}")
                     member.size = len(file)
                     tar.addfile(member, io.BytesIO(file))

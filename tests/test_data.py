@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from torchvision.io import encode_jpeg
+from PIL import Image
 
 import utils
 
@@ -22,7 +22,7 @@ def write_imagefolder(root, per_class=2, size=32, skip_class=None):
             for i in range(per_class):
                 img = torch.full((3, size, size), 20 * c, dtype=torch.uint8)   # the class is in the pixels
                 img[:, :4, :4] = torch.randint(0, 256, (3, 4, 4), generator=g, dtype=torch.uint8)
-                (root / split / name / f"{i:04d}.jpg").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / split / name / f"{i:04d}.jpg", quality=95)
 
 
 def test_imagefolder_folder_labels_stay_with_images(tmp_path):
@@ -101,6 +101,29 @@ def test_truncated_archive(tmp_path):
     archive.write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="corrupt or truncated|not a readable"):
         utils.load_cifar10(archive, data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("damage", ["not an image", "cut in half"])
+def test_damaged_image_file_is_named(tmp_path, damage):
+    """One unreadable file in an otherwise whole copy: the error names it and says what to do."""
+    write_imagefolder(tmp_path / "copy")
+    bad = tmp_path / "copy" / "train" / "cat" / "0001.jpg"
+    bad.write_bytes(b"plain text, no image" if damage == "not an image" else bad.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"cannot decode train/cat/0001\.jpg .*fetch the copy again"):
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_decode_rgb_gives_three_channels_and_exact_lossless_pixels(mode):
+    """PNG is lossless, so decode_rgb must give back the very pixels written, as (3, H, W) RGB."""
+    pixels = torch.randint(0, 256, (32, 32, len(mode)), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1).numpy(), mode=mode).save(buffer, format="PNG")
+    decoded = utils.decode_rgb(buffer.getvalue())
+    assert decoded.shape == (3, 32, 32) and decoded.dtype == torch.uint8
+    expected = pixels[..., :3] if mode != "L" else pixels.expand(32, 32, 3)     # alpha dropped, grey copied
+    assert torch.equal(decoded, expected.permute(2, 0, 1))
 
 
 def test_wrong_image_size(tmp_path):
