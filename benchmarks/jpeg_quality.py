@@ -64,8 +64,8 @@ def encode(image, fmt, **options):
 
 def reencode(images, quality, shift=0):
     """uint8 images (N, 3, H, W) through JPEG at `quality` and back (encode, then utils.decode_rgb).
-    shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8 blocks (16x16 for the subsampled colour) fall `shift` pixels off where they fell before, and crops
-    the decoded images back to (H, W)."""
+    shift > 0 first pads every side by `shift` edge pixels, so JPEG's 8x8 blocks (16x16 for the subsampled
+    colour) fall `shift` pixels off where they fell before, and crops the decoded images back to (H, W)."""
     check_encoding(quality, shift)
     h, w = images.shape[-2:]
     if shift:

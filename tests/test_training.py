@@ -1046,11 +1046,16 @@ def test_readme_longer_average_seeds_claims_hold_for_the_records():
     assert abs(gain) < 0.5 * statistics.stdev(utils._seed_accuracies(bn, cpu).values())
 
 
+def stack_trial(record, cpu, norm, seed=1, **changes):
+    """The run among a norm's CPU runs (`cpu`) of `seed` that trained its notebook record's recipe with exactly
+    these changes (Recipe or Augment fields: the flat recipe holds both)."""
+    want = dict(utils._flat_recipe(record["recipe"], norm), **changes)
+    return next(x for x in cpu if x["seed"] == seed and utils._flat_recipe(x["notebook_recipe"], norm) == want)
+
+
 def bn_stack_trial(bn, cpu, seed=1, **changes):
-    """The run among BatchNorm's CPU runs (`cpu`) of `seed` that trained the notebook record's (`bn`) recipe
-    with exactly these changes (Recipe or Augment fields: the flat recipe holds both)."""
-    want = dict(utils._flat_recipe(bn["recipe"], "bn"), **changes)
-    return next(x for x in cpu if x["seed"] == seed and utils._flat_recipe(x["notebook_recipe"], "bn") == want)
+    """stack_trial for BatchNorm, whose trials most claims tests look up."""
+    return stack_trial(bn, cpu, "bn", seed, **changes)
 
 
 def test_readme_no_dropout_claims_hold_for_the_records():
@@ -1276,8 +1281,7 @@ def test_readme_momentum_held_still_on_every_norm_claims_hold_for_the_records():
     slower_epochs = {"gn": 9, "ln": 11}
     for norm in ("bn", "ln", "gn"):
         record, cpu = utils.load_results(RESULTS / f"{norm}.json"), cpu_notebook_runs(norm)
-        want = dict(utils._flat_recipe(record["recipe"], norm), momentum_swing=0.0)
-        still = next(x for x in cpu if x["seed"] == 1 and utils._flat_recipe(x["notebook_recipe"], norm) == want)
+        still = stack_trial(record, cpu, norm, momentum_swing=0.0)
         seeds = list(utils._seed_accuracies(record, cpu).values())
         assert len(seeds) == 3
         assert 0 < still["final"] - max(seeds) < 0.15
@@ -1293,8 +1297,7 @@ def test_readme_momentum_held_still_on_every_norm_claims_hold_for_the_records():
     # the earlier machine ..., ended a tenth of a point above momentum held still, and further above the notebook
     # run than momentum held still did"
     ln, cpu = utils.load_results(RESULTS / "ln.json"), cpu_notebook_runs("ln")
-    want = dict(utils._flat_recipe(ln["recipe"], "ln"), momentum_swing=0.0)
-    still = next(x for x in cpu if x["seed"] == 1 and utils._flat_recipe(x["notebook_recipe"], "ln") == want)
+    still = stack_trial(ln, cpu, "ln", momentum_swing=0.0)
     other = [x for x in cpu if x["seed"] == 1 and utils._same_notebook_recipe(x, ln)
              and x["history"] != ln["history"]]
     assert len(other) == 1
@@ -1303,8 +1306,7 @@ def test_readme_momentum_held_still_on_every_norm_claims_hold_for_the_records():
     # "GroupNorm's seed 2, run after, did the same against the recipe's seed 2: more than half a point higher in
     # train accuracy, less than a tenth higher in test accuracy"
     gn, cpu = utils.load_results(RESULTS / "gn.json"), cpu_notebook_runs("gn")
-    want = dict(utils._flat_recipe(gn["recipe"], "gn"), momentum_swing=0.0)
-    still = next(x for x in cpu if x["seed"] == 2 and utils._flat_recipe(x["notebook_recipe"], "gn") == want)
+    still = stack_trial(gn, cpu, "gn", seed=2, momentum_swing=0.0)
     stack = next(x for x in cpu if x["seed"] == 2 and utils._same_notebook_recipe(x, gn))
     assert still["train_final"] > stack["train_final"] + 0.5
     assert 0 < still["final"] - stack["final"] < 0.1
