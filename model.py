@@ -69,7 +69,7 @@ BUILDS["separable-ws"] = replace(BUILDS["separable"], weight_standardization=Tru
 BUILDS["separable-wide16"] = replace(BUILDS["separable"], widths=(16, 32, 48, 80, 80, 80, 48, 80, 80, 80))
 # The separable build with additive skips wherever a block keeps its input's shape (c3, C4, C5):
 # no extra parameters. First one BatchNorm trial (doc/trials.md); now the build of the BatchNorm and
-# GroupNorm notebooks (README section 6).
+# GroupNorm notebooks (doc/tuning.md).
 BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
 # Both capacity moves at once: the wide16 widths with additive skips, which there fit around C4 and
 # C5 (80 -> 80 channels at 16x16; C8 and C9 shrink their maps): 49,488 parameters. One BatchNorm
@@ -77,7 +77,7 @@ BUILDS["separable-skips"] = replace(BUILDS["separable"], skips=True)
 BUILDS["separable-wide16-skips"] = replace(BUILDS["separable-wide16"], skips=True)
 # LayerNorm's build (weight standardization) with the additive skips of separable-skips: no extra
 # parameters. First a LayerNorm trial of the BatchNorm/GroupNorm stack (doc/trials.md); now the build of
-# the LayerNorm notebook (README section 6).
+# the LayerNorm notebook (doc/tuning.md).
 BUILDS["separable-ws-skips"] = replace(BUILDS["separable-ws"], skips=True)
 # The separable build with linear squeezes (c3, c6: conv -> norm, no ReLU): no extra parameters.
 # One BatchNorm trial (doc/trials.md).

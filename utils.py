@@ -419,15 +419,16 @@ class Recipe:
         return net
 
 
-# Where one norm's notebook departs from Recipe(), measured in the tuning rounds (README section 6):
+# Where one norm's notebook departs from Recipe(), measured in the tuning rounds (doc/tuning.md):
 # weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
-# norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (LayerNorm: one trial, README section 6);
+# norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (LayerNorm: one trial, doc/tuning.md);
 # then three changes that each ended within the seed spread alone, stacked, lifted five of the six BatchNorm and
 # GroupNorm seeds over the run of the same seed without them; on LayerNorm's own weight-standardized build
 # the skips and the average (not the whitened C1, which weight standardization undoes) lifted all three of
-# its seeds over every seed of its recipe before them (README section 6).
+# its seeds over every seed of its recipe before them (doc/tuning.md). Last, momentum held still instead of
+# swung against the lr lifted the mean of BatchNorm's three seeds over its recipe's (doc/tuning.md).
 STACKED_CHANGES = dict(build="separable-skips", whiten_c1=True, ema=0.999)
-NORM_RECIPES = {"bn": dict(decay_norms=False, **STACKED_CHANGES),
+NORM_RECIPES = {"bn": dict(decay_norms=False, momentum_swing=0.0, **STACKED_CHANGES),
                 "ln": dict(build="separable-ws-skips", ema=STACKED_CHANGES["ema"]),
                 "gn": dict(decay_norms=False, **STACKED_CHANGES)}
 
@@ -902,6 +903,21 @@ def _replace_block(text, name, body):
         raise ValueError(f"README lacks the {start} ... {end} markers")
     head, rest = text.split(start, 1)
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def _fill_blocks(paths, blocks):
+    """Write each generated block {name: body} into whichever of the Markdown files holds its markers
+    (the README, or doc/tuning.md for the tuning narrative's tables); a block no file holds is an error."""
+    texts = {path: Path(path).read_text() for path in paths}
+    for name, body in blocks.items():
+        holders = [path for path, text in texts.items() if f"<!-- {name}:start -->" in text]
+        if not holders:
+            raise ValueError(f"no file of {', '.join(str(p) for p in paths)} has the <!-- {name}:start --> ... "
+                             f"<!-- {name}:end --> markers: put them where the {name} table belongs")
+        for path in holders:
+            texts[path] = _replace_block(texts[path], name, body)
+    for path, text in texts.items():
+        Path(path).write_text(text)
 
 
 def read_jsonl(path):
@@ -1392,9 +1408,10 @@ def earlier_records(results_dir, records):
 
 
 def render_report(root="."):
-    """Rewrite the README's generated blocks (headline, results, seeds, targets, trials, tuning, effects, speed,
-    data statistics, JPEG quality, batch sizes, lr range tests), doc/trials.md, doc/comparison.png,
-    doc/bn_fit_vs_test.png, doc/batch_size.png and doc/lr_range.png, from doc/results/ and the executed notebooks."""
+    """Rewrite the generated blocks of the README (headline, results, seeds, targets, effects, speed, data
+    statistics, batch sizes, lr range tests) and of doc/tuning.md (tuning, JPEG quality), and doc/trials.md,
+    doc/comparison.png, doc/bn_fit_vs_test.png, doc/batch_size.png and doc/lr_range.png, from doc/results/
+    and the executed notebooks."""
     root = Path(root)
     results_dir = root / "doc" / "results"
     records = [load_results(results_dir / f"{n}.json") for n in NORMS
@@ -1426,29 +1443,27 @@ def render_report(root="."):
     speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
     stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
                       _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
-    text = (root / "README.md").read_text()
-    text = _replace_block(text, "headline", headline_table(records, runs))
-    text = _replace_block(text, "results", results_table(records))
-    text = _replace_block(text, "seeds", seeds_table(records + [r for group in by_folder[::-1] for r in group], runs))
-    text = _replace_block(text, "targets", targets_table(records, runs))
-    text = _replace_block(text, "trials", trials)
-    text = _replace_block(text, "tuning", tuning_table(runs, records, earlier))
-    text = _replace_block(text, "effects", effect_table(
-        records, earlier, read_jsonl(results_dir / "trials-proxy.jsonl")))
-    text = _replace_block(text, "speed", speed_table(speeds))
-    text = _replace_block(text, "jpeg", jpeg_table(records, read_jsonl(results_dir / "jpeg-quality.jsonl"), runs,
-                                                  earlier))
-    text = _replace_block(text, "stats", f"```\n{stats}\n```")
+    blocks = {
+        "headline": headline_table(records, runs),
+        "results": results_table(records),
+        "seeds": seeds_table(records + [r for group in by_folder[::-1] for r in group], runs),
+        "targets": targets_table(records, runs),
+        "tuning": tuning_table(runs, records, earlier),
+        "effects": effect_table(records, earlier, read_jsonl(results_dir / "trials-proxy.jsonl")),
+        "speed": speed_table(speeds),
+        "jpeg": jpeg_table(records, read_jsonl(results_dir / "jpeg-quality.jsonl"), runs, earlier),
+        "stats": f"```\n{stats}\n```",
+    }
     batch_runs = read_jsonl(results_dir / "batch-size.jsonl")
     if batch_runs:
         plot_batch_sizes(batch_runs, path=root / "doc" / "batch_size.png")
-    text = _replace_block(text, "batch-size", batch_size_table(batch_runs))
+    blocks["batch-size"] = batch_size_table(batch_runs)
     lr_range = results_dir / "lr-range.json"
     if lr_range.exists():
         lr_records = json.loads(lr_range.read_text())
         plot_lr_range(lr_records, path=root / "doc" / "lr_range.png")
-        text = _replace_block(text, "lr-range", lr_range_table(lr_records))
-    (root / "README.md").write_text(text)
+        blocks["lr-range"] = lr_range_table(lr_records)
+    _fill_blocks([root / "README.md", root / "doc" / "tuning.md"], blocks)
 
 
 # ----------------------------------------------------------------------------- plots

@@ -23,7 +23,7 @@ original ones: a stand-in for one more pass of what made the copy, at the copy's
     # one more pass of the copy's own compression, block grid moved by 4 pixels
     python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 75 --shift 4 \\
         --out doc/results/jpeg-quality.jsonl
-    # the figure of README section 6: test images at the copy's quality, 50 and 25
+    # the figure of doc/tuning.md, section 6: test images at the copy's quality, 50 and 25
     python benchmarks/jpeg_quality.py --data ../shared/data/cifar10-jpeg.tar.gz --quality 50,25 \\
         --figure doc/jpeg_quality.png
 """

@@ -1,11 +1,14 @@
-"""The README's links and names stay true to the repository."""
+"""The README's and doc/tuning.md's links and names stay true to the repository."""
 import re
 from pathlib import Path
+
+import pytest
 
 from model import BUILDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", ROOT / "doc" / "tuning.md"]
 
 
 def github_anchor(heading):
@@ -13,22 +16,43 @@ def github_anchor(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def anchors(path):
+    return {github_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}
+
+
 def test_github_anchor():
     assert github_anchor("6. Results") == "6-results"
     assert github_anchor("4. Regularisation and optimizer") == "4-regularisation-and-optimizer"
+    assert github_anchor("6. Beyond the rules: 30 epochs, and the data") == "6-beyond-the-rules-30-epochs-and-the-data"
 
 
-def test_every_anchor_link_points_at_a_heading():
-    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", README, flags=re.M)}
-    links = re.findall(r"\]\(#([^)]+)\)", README)
-    assert links, "the README has no in-page links to check"
-    assert [a for a in links if a not in anchors] == []
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_every_anchor_link_points_at_a_heading(document):
+    links = re.findall(r"\]\(#([^)]+)\)", document.read_text())
+    assert links, f"{document.name} has no in-page links to check"
+    assert [a for a in links if a not in anchors(document)] == []
 
 
-def test_every_file_link_exists():
-    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)#][^)]*)\)", README) if "://" not in t}
-    assert targets, "the README links no files"
-    assert sorted(t for t in targets if not (ROOT / t).exists()) == []
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_every_file_link_exists_and_its_anchor_too(document):
+    """Links are relative to the document's own folder; a link into another Markdown file with #anchor
+    must name one of that file's headings."""
+    targets = {t for t in re.findall(r"\]\(([^)#][^)]*)\)", document.read_text()) if "://" not in t}
+    assert targets, f"{document.name} links no files"
+    missing, bad_anchors = [], []
+    for target in sorted(targets):
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve()
+        if not linked.exists():
+            missing.append(target)
+        elif anchor and anchor not in anchors(linked):
+            bad_anchors.append(target)
+    assert (missing, bad_anchors) == ([], [])
+
+
+def test_readme_links_the_tuning_narrative_and_it_links_back():
+    assert "](doc/tuning.md" in README
+    assert "](../README.md" in (ROOT / "doc" / "tuning.md").read_text()
 
 
 def test_readme_names_every_build():
