@@ -1409,7 +1409,7 @@ def earlier_records(results_dir, records):
 
 def render_report(root="."):
     """Rewrite the generated blocks of the README (headline, results, seeds, targets, effects, speed, data
-    statistics, batch sizes, lr range tests) and of doc/tuning.md (tuning, JPEG quality), and doc/trials.md,
+    statistics, batch sizes, lr range tests, trials) and of doc/tuning.md (tuning, JPEG quality), and doc/trials.md,
     doc/comparison.png, doc/bn_fit_vs_test.png, doc/batch_size.png and doc/lr_range.png, from doc/results/
     and the executed notebooks."""
     root = Path(root)
@@ -1448,6 +1448,7 @@ def render_report(root="."):
         "results": results_table(records),
         "seeds": seeds_table(records + [r for group in by_folder[::-1] for r in group], runs),
         "targets": targets_table(records, runs),
+        "trials": trials,
         "tuning": tuning_table(runs, records, earlier),
         "effects": effect_table(records, earlier, read_jsonl(results_dir / "trials-proxy.jsonl")),
         "speed": speed_table(speeds),

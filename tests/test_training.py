@@ -824,6 +824,14 @@ def test_tuning_table_block_matches_the_records():
     assert table.count("\n") > 10 and table in (ROOT / "doc" / "tuning.md").read_text()
 
 
+def test_trial_table_in_the_readme_and_doc_trials_matches_the_records():
+    """Issue 5 asks the README to show the trial table: its collapsed block and doc/trials.md both hold
+    what trials_table writes from every committed trial record."""
+    table = utils.trials_table(utils.read_trials(RESULTS), committed_records())
+    assert table.count("\n") > 100
+    assert table in (ROOT / "README.md").read_text() and table in (ROOT / "doc" / "trials.md").read_text()
+
+
 def test_fill_blocks_writes_each_block_into_the_file_that_holds_its_markers(tmp_path):
     readme, tuning = tmp_path / "README.md", tmp_path / "tuning.md"
     readme.write_text("top\n<!-- a:start -->\nold\n<!-- a:end -->\nend\n")
