@@ -1287,22 +1287,24 @@ def test_tuning_last_single_changes_claims_hold_for_the_records():
     assert 0.5 < utils.TARGETS["bn"] - statistics.mean(x["final"] for x in runs.values()) < 1
 
 
-def test_tuning_momentum_held_still_adopted_for_batchnorm_claims_hold_for_the_records():
-    """doc/tuning.md and README section 4: the BatchNorm notebook, now the stack with momentum held still,
-    "repeated the trial's seed-1 run epoch for epoch, loss for loss"; "each of the three ended above the stack's
-    run of the same seed, and their mean above the stack's by about the stack's own seeds' standard deviation,
-    still short of the target"."""
-    bn, stack, cpu = utils.load_results(RESULTS / "bn.json"), stack_record("bn"), cpu_notebook_runs("bn")
-    assert [k for k, *_ in utils._recipe_diff(stack["recipe"], bn["recipe"], "bn")] == ["momentum_swing"]
-    trial = stack_trial(stack, cpu, "bn", momentum_swing=0.0)
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_tuning_momentum_held_still_adopted_claims_hold_for_the_records(norm):
+    """doc/tuning.md and README section 4: the BatchNorm and GroupNorm notebooks, now the stack with momentum held
+    still, each "repeated the trial's seed-1 run epoch for epoch, loss for loss"; "on both norms each of the three
+    seeds ended above the stack's run of the same seed", the means "rose by less than the range of the stack's own
+    seeds", and BatchNorm's "still short of the target"."""
+    record, stack, cpu = utils.load_results(RESULTS / f"{norm}.json"), stack_record(norm), cpu_notebook_runs(norm)
+    assert [k for k, *_ in utils._recipe_diff(stack["recipe"], record["recipe"], norm)] == ["momentum_swing"]
+    trial = stack_trial(stack, cpu, norm, momentum_swing=0.0)
     fields = ("train_loss", "train_acc", "test_loss", "test_acc")
-    assert [[e[f] for f in fields] for e in bn["history"]] == [[e[f] for f in fields] for e in trial["history"]]
-    still, swung = utils._seed_accuracies(bn, cpu), utils._seed_accuracies(stack, cpu)
+    assert [[e[f] for f in fields] for e in record["history"]] == [[e[f] for f in fields] for e in trial["history"]]
+    still, swung = utils._seed_accuracies(record, cpu), utils._seed_accuracies(stack, cpu)
     assert sorted(still) == sorted(swung) == [1, 2, 3]
     assert [seed for seed in still if still[seed] <= swung[seed]] == []
     lead = statistics.mean(still.values()) - statistics.mean(swung.values())
-    assert 0.75 < lead / statistics.stdev(swung.values()) < 1.25
-    assert statistics.mean(still.values()) < utils.TARGETS["bn"]
+    assert 0 < lead < max(swung.values()) - min(swung.values())
+    if norm == "bn":
+        assert statistics.mean(still.values()) < utils.TARGETS["bn"]
 
 
 def test_tuning_momentum_with_longer_average_claims_hold_for_the_records():
