@@ -1690,8 +1690,9 @@ def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
     if fallen:
         ax.set_ylim(bottom=floor - 0.3)
     ax.grid(alpha=0.3)
-    # below the axes, where it hides no trial and no written accuracy
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    # below the axes, where it hides no trial and no written accuracy; one column, so that it stays
+    # under the axes and clear of the key on their right
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     fig.tight_layout()
     return _finish(fig, path)
 
