@@ -901,7 +901,7 @@ def results_table(records):
 def _replace_block(text, name, body):
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
-        raise ValueError(f"README lacks the {start} ... {end} markers")
+        raise ValueError(f"the text lacks the {start} ... {end} markers around its {name} block")
     head, rest = text.split(start, 1)
     return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 

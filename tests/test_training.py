@@ -841,6 +841,9 @@ def test_fill_blocks_writes_each_block_into_the_file_that_holds_its_markers(tmp_
     assert tuning.read_text() == "<!-- b:start -->\nnew b\n<!-- b:end -->\n"
     with pytest.raises(ValueError, match="<!-- c:start -->.*put them where the c table belongs"):
         utils._fill_blocks([readme, tuning], {"c": "lost"})
+    tuning.write_text("<!-- b:start -->\nno end marker\n")
+    with pytest.raises(ValueError, match="lacks the <!-- b:start --> ... <!-- b:end --> markers"):
+        utils._fill_blocks([readme, tuning], {"b": "new b"})
 
 
 STACK_RUNS = RESULTS / "earlier" / "8-separable-skips-stack"
