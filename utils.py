@@ -427,7 +427,7 @@ class Recipe:
 # the skips and the average (not the whitened C1, which weight standardization undoes) lifted all three of
 # its seeds over every seed of its recipe before them (doc/tuning.md). Last, momentum held still instead of
 # swung against the lr lifted each of BatchNorm's and GroupNorm's three seeds over its recipe's run of the same
-# seed (doc/tuning.md); LayerNorm's seed 2 with it ended below its recipe's seed 2, so LayerNorm keeps the swing.
+# seed (doc/tuning.md); LayerNorm's seeds 2 and 3 with it ended below its recipe's, so LayerNorm keeps the swing.
 STACKED_CHANGES = dict(build="separable-skips", whiten_c1=True, ema=0.999)
 NORM_RECIPES = {"bn": dict(decay_norms=False, momentum_swing=0.0, **STACKED_CHANGES),
                 "ln": dict(build="separable-ws-skips", ema=STACKED_CHANGES["ema"]),
