@@ -796,12 +796,17 @@ def test_jpeg_table_compares_each_run_with_the_same_seed_on_the_copy():
         row.replace("| BatchNorm |", "| BatchNorm (its earlier recipe `6-old`) |") for row in rows]
 
 
+def committed_earlier(records):
+    """The committed earlier notebook runs, oldest folder first, as render_report reads them."""
+    return [r for group in utils.earlier_records(RESULTS, records) for r in group]
+
+
 def test_tuning_jpeg_table_matches_the_records_and_every_reencoding_cost_accuracy():
     """doc/tuning.md's JPEG block is what jpeg_table writes from the committed records, and its prose
     ("cost ... accuracy in every seed run", "LayerNorm and GroupNorm ... too") holds for them: every
     re-encoded run, of every norm, ended below the run on the copy with its seed."""
     records = committed_records()
-    earlier = [r for group in utils.earlier_records(RESULTS, records) for r in group]
+    earlier = committed_earlier(records)
     table = utils.jpeg_table(records, utils.read_jsonl(RESULTS / "jpeg-quality.jsonl"),
                              utils.read_trials(RESULTS), earlier)
     assert table in (ROOT / "doc" / "tuning.md").read_text()
@@ -819,7 +824,7 @@ def test_tuning_jpeg_table_matches_the_records_and_every_reencoding_cost_accurac
 def test_tuning_table_block_matches_the_records():
     """doc/tuning.md's tuning block is what tuning_table writes from the committed records."""
     records = committed_records()
-    earlier = [r for group in utils.earlier_records(RESULTS, records) for r in group]
+    earlier = committed_earlier(records)
     table = utils.tuning_table(utils.read_trials(RESULTS), records, earlier)
     assert table.count("\n") > 10 and table in (ROOT / "doc" / "tuning.md").read_text()
 
@@ -1089,7 +1094,7 @@ def test_tuning_longer_average_seeds_claims_hold_for_the_records():
 
 def stack_trial(record, cpu, norm, seed=1, **changes):
     """The run among a norm's CPU runs (`cpu`) of `seed` that trained its notebook record's recipe with exactly
-    these changes (Recipe or Augment fields: the flat recipe holds both)."""
+    these changes (Recipe or Augment fields: the flat recipe holds both); with none, the recipe's own run."""
     want = dict(utils._flat_recipe(record["recipe"], norm), **changes)
     return next(x for x in cpu if x["seed"] == seed and utils._flat_recipe(x["notebook_recipe"], norm) == want)
 
@@ -1318,7 +1323,7 @@ def test_tuning_layernorm_keeps_the_swing_claims_hold_for_the_records():
     assert ln["recipe"]["momentum_swing"] == 0.05
     still = {seed: stack_trial(ln, cpu, "ln", seed=seed, momentum_swing=0.0) for seed in (1, 2, 3)}
     for seed in (2, 3):
-        swung = next(x for x in cpu if x["seed"] == seed and utils._same_notebook_recipe(x, ln))
+        swung = stack_trial(ln, cpu, "ln", seed=seed)      # the recipe's own run of that seed
         assert still[seed]["final"] < swung["final"] and still[seed]["train_final"] > swung["train_final"], seed
     recipe = utils._seed_accuracies(ln, cpu)
     assert sorted(recipe) == [1, 2, 3]
@@ -1380,6 +1385,6 @@ def test_tuning_momentum_held_still_on_every_norm_claims_hold_for_the_records():
     # train accuracy, less than a tenth higher in test accuracy"
     gn, cpu = stack_record("gn"), cpu_notebook_runs("gn")
     still = stack_trial(gn, cpu, "gn", seed=2, momentum_swing=0.0)
-    stack = next(x for x in cpu if x["seed"] == 2 and utils._same_notebook_recipe(x, gn))
+    stack = stack_trial(gn, cpu, "gn", seed=2)
     assert still["train_final"] > stack["train_final"] + 0.5
     assert 0 < still["final"] - stack["final"] < 0.1
