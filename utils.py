@@ -399,6 +399,8 @@ class Recipe:
                                   # twice the compute per step, the same 20 passes over the data
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
+    anneal: str = "linear"        # the one-cycle's curve up and down: "linear", or "cos" (OneCycleLR's
+                                  # default: longer near the peak and near the end, quicker in between)
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
     ema: float = 0.0              # per-step decay of a moving average of the weights (and BatchNorm's
                                   # statistics) that the model takes before the last test; 0: none
@@ -445,7 +447,7 @@ def recipe_for(norm):
 # those older records (a new field's default keeps the old behaviour).
 ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
                 "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0, "cutout": 0,
-                "train_norm_scale": True, "sam_rho": 0.0}
+                "train_norm_scale": True, "sam_rho": 0.0, "anneal": "linear"}
 
 
 def set_seed(seed):
@@ -502,7 +504,7 @@ def make_optimizer(model, recipe, steps_per_epoch):
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch + 1,
-        pct_start=recipe.warmup, anneal_strategy="linear", div_factor=10, final_div_factor=100,
+        pct_start=recipe.warmup, anneal_strategy=recipe.anneal, div_factor=10, final_div_factor=100,
         cycle_momentum=recipe.momentum_swing > 0,
         # rounded so that 0.9 -+ 0.05 are exactly the 0.85 and 0.95 every recorded run trained with
         base_momentum=round(recipe.momentum - recipe.momentum_swing, 10),

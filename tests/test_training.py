@@ -327,6 +327,36 @@ def test_momentum_follows_the_recipe(swing):
         assert set(seen) == {0.9}
 
 
+@pytest.mark.parametrize("anneal", ["linear", "cos"])
+def test_lr_follows_the_recipes_anneal(anneal):
+    """The one-cycle lr rises from peak/10 to the peak over the warmup and falls to peak/1000, along a
+    line or half a cosine: halfway down the fall the two meet at the middle of the range, and a quarter
+    of the way down the cosine is still higher than the line."""
+    recipe = replace(utils.Recipe(), anneal=anneal, epochs=1, warmup=0.2)
+    optimizer, scheduler = utils.make_optimizer(recipe.make_model("bn"), recipe, steps_per_epoch=100)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak, low = recipe.lr, recipe.lr / 1000
+    near = dict(abs=0.01 * peak)                           # the peak falls between two steps
+    assert lrs[0] == pytest.approx(peak / 10) and max(lrs) == pytest.approx(peak, **near)
+    assert lrs[-1] == pytest.approx(low)
+    assert lrs[60] == pytest.approx((peak + low) / 2, **near)          # halfway from step 20 to 100
+    line = peak - (peak - low) / 4                                     # a quarter of the way: step 40
+    if anneal == "linear":
+        assert lrs[40] == pytest.approx(line, **near)
+    else:
+        assert lrs[40] > line + 0.05 * (peak - low)
+
+
+def test_unknown_anneal_is_refused():
+    recipe = replace(utils.Recipe(), anneal="cosine")
+    with pytest.raises(ValueError, match="anneal.*'linear'.*'cos'|'cos'.*'linear'"):
+        utils.make_optimizer(recipe.make_model("bn"), recipe, steps_per_epoch=10)
+
+
 def decayed_parameters(model, recipe):
     """(names of model's parameters, names of those one optimizer step with zero gradients moved):
     such a step moves weights by weight decay alone."""
