@@ -1,25 +1,26 @@
-"""Data, training, evaluation, plots and results files for the S8 notebooks.
+"""Data, training, evaluation, results files and plots for the S8 notebooks.
 
-Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training
-(Recipe, set_seed, pick_device, train_epoch, evaluate, fit), results files,
-plots. Every notebook calls these; nothing here is notebook-specific.
+Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training (Recipe, fit,
+the lr range test), activations and gradients through depth, results files, plots. Every
+notebook calls these; nothing here is notebook-specific. The report that fills README.md
+from the results files lives in benchmarks/report.py.
 """
-import hashlib
+import gzip
 import io
+import hashlib
 import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import tarfile
 import tempfile
-import textwrap
 import time
 import urllib.error
 import zlib
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,14 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from model import NORM_LAYERS, NORMS, Net, count_parameters
+from model import NORMS, SPATIAL_BLOCKS, Net, count_parameters
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)
-# The course's accuracy targets (final-epoch, single-view test accuracy, %, 20 epochs, < 50k
-# parameters): what the README's targets table measures each notebook run against.
-TARGETS = {"bn": 85.0, "ln": 81.0, "gn": 82.0}
-MAX_EPOCHS = 20               # the course's epoch limit; longer runs are diagnostics, labelled so in tables
+SPLIT_SIZES = {"train": 50_000, "test": 10_000}     # CIFAR-10's, 5,000 and 1,000 per class
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
+HISTORY_TAG = "trials-final"  # the git tag whose code ran the tuning trials (doc/tuning.md)
 HOW_TO_PROVIDE = (
     f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
     f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', "
@@ -63,13 +62,16 @@ class CIFAR10:
                 f"dtype={self.train_images.dtype}, classes={len(self.classes)}, source={self.source!r})")
 
 
-def load_cifar10(source=None, data_dir="data"):
+def load_cifar10(source=None, data_dir="data", full=True):
     """Load CIFAR-10 as uint8 tensors, decoding at most once.
 
     source: None -> $S8_DATA if set, else torchvision's download into `data_dir`;
             a folder (torchvision's pickles, or ImageFolder layout); or a .tar/.tar.gz
             of the ImageFolder layout. Decoded tensors are cached under `data_dir/cache`,
-            so a second load only reads one file; nothing is written beside `source`.
+            keyed by the path, size and modification time of every file the loader reads,
+            so a changed copy is decoded again; nothing is written beside `source`.
+    full:   check that the set has CIFAR-10's 50,000 + 10,000 images, 5,000 and 1,000 per
+            class; False loads a deliberately smaller copy (tests).
     """
     source = source if source is not None else os.environ.get(DATA_ENV) or None
     data_dir = Path(data_dir)
@@ -82,17 +84,32 @@ def load_cifar10(source=None, data_dir="data"):
             raise FileNotFoundError(f"CIFAR-10 source {str(folder)!r} does not exist. {HOW_TO_PROVIDE}")
         label = str(folder)
     cache = data_dir / "cache" / f"cifar10-{_fingerprint(folder)}.pt"
+    saved = None
     if cache.exists():
         try:
             saved = torch.load(cache, weights_only=True)
-            return CIFAR10(**saved, source=label)
-        except Exception:       # a stale or broken cache is rebuilt, never trusted
+        except Exception:       # a broken cache is rebuilt, never trusted
             cache.unlink()
-    splits, classes = _read_source(folder)
-    saved = dict(train_images=splits["train"][0], train_labels=splits["train"][1],
-                 test_images=splits["test"][0], test_labels=splits["test"][1], classes=tuple(classes))
-    _atomic_write(cache, lambda f: torch.save(saved, f), binary=True)
-    return CIFAR10(**saved, source=label)
+    if saved is None:
+        splits, classes = _read_source(folder)
+        saved = dict(train_images=splits["train"][0], train_labels=splits["train"][1],
+                     test_images=splits["test"][0], test_labels=splits["test"][1], classes=tuple(classes))
+        _atomic_write(cache, lambda f: torch.save(saved, f), binary=True)
+    data = CIFAR10(**saved, source=label)
+    if full:
+        _check_sizes(data, label)
+    return data
+
+
+def _check_sizes(data, where):
+    for split, labels in (("train", data.train_labels), ("test", data.test_labels)):
+        per_class = torch.bincount(labels, minlength=len(CLASSES)).tolist()
+        expected = SPLIT_SIZES[split] // len(CLASSES)
+        if len(labels) != SPLIT_SIZES[split] or any(n != expected for n in per_class):
+            raise RuntimeError(
+                f"{where}: the {split} split has {len(labels):,} images ({per_class} per class); CIFAR-10 has "
+                f"{SPLIT_SIZES[split]:,}, {expected:,} per class. The copy is incomplete: fetch it again "
+                f"(or pass full=False to load a deliberately smaller set). {HOW_TO_PROVIDE}")
 
 
 def _download(data_dir):
@@ -107,16 +124,29 @@ def _download(data_dir):
 
 
 def _fingerprint(path):
-    """Identifies a source by its location, size and modification time (cheap: no hashing of data)."""
+    """Identifies a source by the path, size and modification time of every file in it (cheap:
+    one stat per file, no hashing of data), so that adding, removing or rewriting any file
+    changes it."""
     path = path.resolve()
-    parts = [str(path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                           for p in ([path] if path.is_file() else sorted(path.iterdir()))]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:"
+                           f"{p.stat().st_mtime_ns}" for p in files]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _corrupt(path, e):
+    return RuntimeError(f"{str(path)!r} is corrupt or truncated ({type(e).__name__}: {e}). "
+                        f"Fetch it again. {HOW_TO_PROVIDE}")
 
 
 def _read_source(path):
     if path.is_file():
-        if not tarfile.is_tarfile(path):
+        try:
+            readable = tarfile.is_tarfile(path)
+            _check_gzip(path)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise _corrupt(path, e) from None
+        if not readable:
             raise RuntimeError(f"{str(path)!r} is not a readable .tar/.tar.gz archive (corrupt or "
                                f"truncated?). Fetch it again. {HOW_TO_PROVIDE}")
         return _read_image_tar(path)
@@ -128,6 +158,17 @@ def _read_source(path):
         return _decode_image_files(files, str(path))
     raise RuntimeError(f"{str(path)!r} holds neither 'cifar-10-batches-py' nor train/ and test/ "
                        f"folders. {HOW_TO_PROVIDE}")
+
+
+def _check_gzip(path):
+    """Read a gzip file to its end, so that its CRC and length are checked: tarfile alone stops at
+    the archive's end marker and would take a damaged member's bytes as they are."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path) as f:
+        while f.read(1 << 22):
+            pass
 
 
 def _read_pickles(folder):
@@ -165,8 +206,7 @@ def _read_image_tar(path):
                      for m in tar if m.isfile())
             return _decode_image_files(files, str(path))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise RuntimeError(f"{str(path)!r} is corrupt or truncated ({type(e).__name__}: {e}). "
-                           f"Fetch it again. {HOW_TO_PROVIDE}") from e
+        raise _corrupt(path, e) from e
 
 
 def _decode_image_files(files, where):
@@ -190,7 +230,8 @@ def _decode_image_files(files, where):
             try:
                 img = decode_rgb(data)
             except (OSError, ValueError) as e:      # PIL's UnidentifiedImageError is an OSError
-                raise RuntimeError(f"{where}: cannot decode {name} ({e}). Replace the file or fetch the "
+                why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "it", str(e))
+                raise RuntimeError(f"{where}: cannot decode {name} ({why}). Replace the file or fetch the "
                                    f"copy again. {HOW_TO_PROVIDE}") from None
             if tuple(img.shape) != IMAGE_SHAPE:
                 raise RuntimeError(f"{where}: {name} is {img.shape[2]}x{img.shape[1]} pixels; CIFAR-10 "
@@ -240,23 +281,27 @@ def channel_mean_std(images):
     return tuple(means), tuple(stds)
 
 
+def class_sample(labels, per_class=1, seed=0):
+    """Indices of `per_class` random images of every class, one of each class in turn (rows of a
+    10-column grid then show every class): a data set stored class by class would otherwise show
+    only its first class."""
+    g = torch.Generator().manual_seed(seed)
+    picks = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
+    picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks]
+    return torch.stack(picks, 1).flatten()          # (per_class * classes,): class 0, 1, ..., 9, 0, 1, ...
+
+
 @dataclass
 class Augment:
     """Batched augmentation on normalised float tensors; each part can be switched off.
 
     flip: probability of a horizontal flip; crop_pad: random crop after padding by this many
     pixels (an integer shift in [-pad, pad], zero fill); rotate_deg/rotate_p: rotate by an angle
-    uniform in [-deg, deg] with probability p; flip_alternate: each image's flip is drawn once
-    (probability flip) and then inverted every epoch, so any two epochs in a row show every image
-    both ways (Loader keeps the per-image draw; as in Jordan's cifar10-airbench); cutout: side of a
-    square, centred anywhere in the image and clipped at its borders, set to the mean colour (DeVries
-    and Taylor 2017), applied last; 0: none."""
+    uniform in [-deg, deg] with probability p."""
     flip: float = 0.5
-    crop_pad: int = 4
-    rotate_deg: float = 0.0
-    rotate_p: float = 0.0
-    flip_alternate: bool = False
-    cutout: int = 0
+    crop_pad: int = 0
+    rotate_deg: float = 10.0
+    rotate_p: float = 0.1
 
     def draw(self, n, generator):
         """The random choices for n images, drawn on the CPU so that a seed gives the same
@@ -266,20 +311,15 @@ class Augment:
         shift = torch.randint(-self.crop_pad, self.crop_pad + 1, (n, 2), generator=g)
         angle = (torch.rand(n, generator=g) * 2 - 1) * self.rotate_deg
         angle = torch.where(torch.rand(n, generator=g) < self.rotate_p, angle, torch.zeros(n))
-        # drawn only when used, so that runs without cutout keep the random stream of older records
-        centre = (torch.randint(0, IMAGE_SHAPE[1], (n, 2), generator=g) if self.cutout > 0
-                  else torch.zeros(n, 2, dtype=torch.int64))
-        return flip, shift, angle, centre
+        return flip, shift, angle
 
-    def apply(self, x, flip, shift, angle, centre):
+    def apply(self, x, flip, shift, angle):
         if self.flip > 0:
             x = hflip(x, flip)
         if self.rotate_deg > 0 and self.rotate_p > 0:
             x = rotate(x, angle)
         if self.crop_pad > 0:
             x = translate(x, shift, self.crop_pad)
-        if self.cutout > 0:
-            x = cutout(x, centre, self.cutout)
         return x
 
 
@@ -301,15 +341,6 @@ def translate(x, shift, pad):
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
-def cutout(x, centre, size):
-    """Set a size x size square of image i, centred at centre[i] = (row, col) and clipped at the
-    borders, to 0: the mean colour of normalised images. One mask for the batch, no loop."""
-    top_left = centre - size // 2                                                # (N, 2)
-    rows = torch.arange(x.shape[2], device=x.device) - top_left[:, :1]           # (N, H)
-    cols = torch.arange(x.shape[3], device=x.device) - top_left[:, 1:]           # (N, W)
-    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
-    return torch.where(inside[:, None], 0.0, x)        # (N, C, H, W); keeps x's memory format
-
 
 def rotate(x, degrees):
     """Rotate image i by degrees[i] about its centre (bilinear, zero fill), all in one call."""
@@ -325,13 +356,13 @@ class Loader:
 
     Conversion to float and normalisation happen once, here. Each epoch then shuffles with a
     seeded generator and augments batch by batch with a few tensor ops: no PIL, no workers,
-    no per-image Python loop. len() is the number of batches (391 for 50,000 at 128)."""
+    no per-image Python loop. len() is the number of batches (782 for 50,000 at 64)."""
 
     def __init__(self, images, labels, mean, std, batch_size=128, shuffle=False, augment=None,
                  seed=0, device="cpu", channels_last=False):
         if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"Loader expects uint8 images shaped (N, 3, 32, 32), got "
-                             f"{images.dtype} {tuple(images.shape)}")
+                             f"{images.dtype} {tuple(images.shape)}: resize other images to 32x32 first")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         device = torch.device(device)
@@ -343,8 +374,6 @@ class Loader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
-        self.epoch = 0              # passes started so far
-        self.first_flips = None     # per image, for Augment.flip_alternate: the first epoch's flips
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
@@ -353,17 +382,9 @@ class Loader:
         n, bs = len(self.labels), self.batch_size
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         if self.augment is not None:
-            choices = list(self.augment.draw(n, self.generator))
-            if self.augment.flip_alternate:
-                # the first epoch's draw, read as one flip per image, then inverted on odd epochs
-                if self.first_flips is None:
-                    self.first_flips = choices[0]
-                flips = self.first_flips ^ (self.epoch % 2 == 1)
-                choices[0] = flips if order is None else flips[order]    # in the order of the batches
-            choices = [t.to(self.device, non_blocking=True) for t in choices]
+            choices = [t.to(self.device, non_blocking=True) for t in self.augment.draw(n, self.generator)]
         if order is not None:
             order = order.to(self.device, non_blocking=True)
-        self.epoch += 1
         for start in range(0, n, bs):
             idx = slice(start, start + bs) if order is None else order[start:start + bs]
             x, y = self.images[idx], self.labels[idx]
@@ -376,78 +397,37 @@ class Loader:
 
 @dataclass
 class Recipe:
-    """Everything about how a network is trained, in one place. The defaults are the recipe
-    the notebooks train with, chosen by the trials in doc/trials.md; `recipe_for(norm)` adds the
-    departures of single norms (NORM_RECIPES)."""
-    build: str = "separable"      # model.BUILDS name
-    groups: int = 8               # GroupNorm groups, chosen by measurement (doc/trials.md); bn/ln ignore it
-    dropout: float = None         # None: the build's own (0.02 for the reference build)
+    """Everything about how a network is trained, in one place: the one recipe all three notebooks
+    train (recipe_for), chosen by 3-seed runs of each norm (README, "Results")."""
+    build: str = "separable-ws-skips"   # model.BUILDS name
+    groups: int = 8               # GroupNorm's group count; the other norms ignore it
+    dropout: float = None         # None: the build's own (0.02)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 0.05              # peak learning rate of the one-cycle schedule
-    momentum: float = 0.9         # the middle of the one-cycle momentum range below
-    momentum_swing: float = 0.05  # one-cycle moves momentum against the lr, between momentum +- swing:
-                                  # 0.95 at the start, 0.85 at the peak lr, back to 0.95; 0 holds it still
+    momentum: float = 0.9
+    momentum_swing: float = 0.0   # > 0: one-cycle moves momentum against the lr within momentum +- swing
     nesterov: bool = True
     weight_decay: float = 5e-4
-    decay_norms: bool = True      # weight decay on the norms' scale and shift too; False spares them
-    decay_depthwise: bool = True  # weight decay on the depthwise 3x3 filters of separable blocks too;
-                                  # False spares them (MobileNet's advice: they hold 9 weights each)
-    train_norm_scale: bool = True # False holds every norm's scale at 1, untrained, as cifar10-airbench's
-                                  # BatchNorm does; the shift still trains
-    sam_rho: float = 0.0          # > 0: every step is SAM's (sharpness-aware, train_step) with this radius;
-                                  # twice the compute per step, the same 20 passes over the data
+    decay_norms: bool = False     # weight decay on the norms' scale and shift too
     label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
-    anneal: str = "linear"        # the one-cycle's curve up and down: "linear", or "cos" (OneCycleLR's
-                                  # default: longer near the peak and near the end, quicker in between)
     whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
-    ema: float = 0.0              # per-step decay of a moving average of the weights (and BatchNorm's
+    ema: float = 0.999            # per-step decay of a moving average of the weights (and BatchNorm's
                                   # statistics) that the model takes before the last test; 0: none
-    precise_bn: bool = False      # before the last test, BatchNorm's running statistics become a plain
-                                  # average over one pass of the training data (torch's update_bn)
-                                  # instead of the moving average of the last few batches
-    augment: Augment = field(default_factory=lambda: Augment(flip=0.5, crop_pad=0,
-                                                             rotate_deg=10, rotate_p=0.1))
+    augment: Augment = field(default_factory=Augment)
 
     def make_model(self, norm):
         extra = {} if self.dropout is None else {"dropout": self.dropout}
         # channels_last weights, like make_loaders' images: faster on CPU and GPU, same numbers
-        net = Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
-        if not self.train_norm_scale:
-            for m in net.modules():
-                if isinstance(m, NORM_LAYERS):
-                    m.weight.requires_grad_(False)    # stays at its initial 1; the optimizer leaves it out
-        return net
-
-
-# Where one norm's notebook departs from Recipe(), measured in the tuning rounds (doc/tuning.md):
-# weight standardization lifted LayerNorm and did nothing for BatchNorm and GroupNorm; sparing the
-# norms' scale and shift from weight decay lifted GroupNorm and BatchNorm (LayerNorm: one trial, doc/tuning.md);
-# then three changes that each ended within the seed spread alone, stacked, lifted five of the six BatchNorm and
-# GroupNorm seeds over the run of the same seed without them; on LayerNorm's own weight-standardized build
-# the skips and the average (not the whitened C1, which weight standardization undoes) lifted all three of
-# its seeds over every seed of its recipe before them (doc/tuning.md). Last, momentum held still instead of
-# swung against the lr lifted each of BatchNorm's and GroupNorm's three seeds over its recipe's run of the same
-# seed (doc/tuning.md); LayerNorm's seeds 2 and 3 with it ended below its recipe's, so LayerNorm keeps the swing.
-STACKED_CHANGES = dict(build="separable-skips", whiten_c1=True, ema=0.999)
-NORM_RECIPES = {"bn": dict(decay_norms=False, momentum_swing=0.0, **STACKED_CHANGES),
-                "ln": dict(build="separable-ws-skips", ema=STACKED_CHANGES["ema"]),
-                "gn": dict(decay_norms=False, momentum_swing=0.0, **STACKED_CHANGES)}
+        return Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
 
 
 def recipe_for(norm):
-    """The recipe a norm's notebook trains: Recipe() with that norm's NORM_RECIPES entry."""
+    """The recipe a norm's notebook trains: the same for every norm, so that only the norm differs."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(map(repr, NORMS))}")
-    return replace(Recipe(), **NORM_RECIPES.get(norm, {}))
-
-
-# Recipe (and Augment) fields added after runs were recorded, with the value that reproduces the training of
-# those older records (a new field's default keeps the old behaviour).
-ADDED_FIELDS = {"decay_norms": True, "momentum_swing": 0.05, "whiten_c1": False,
-                "precise_bn": False, "flip_alternate": False, "decay_depthwise": True, "ema": 0.0, "cutout": 0,
-                "train_norm_scale": True, "sam_rho": 0.0, "anneal": "linear"}
+    return Recipe()
 
 
 def set_seed(seed):
@@ -475,20 +455,14 @@ def device_name(device):
     return device.type
 
 
-def is_depthwise(module):
-    """Whether module is a depthwise conv: one filter per input channel (a separable block's 3x3)."""
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
 def make_sgd(model, recipe, lr):
     """The recipe's SGD (Nesterov momentum, weight decay) at a constant lr. With recipe.decay_norms
-    False the norms' affine scale and shift train without weight decay, with recipe.decay_depthwise
-    False the depthwise convs' filters."""
+    False the norms' scale and shift train without weight decay: decay would pull toward zero how
+    strongly each channel speaks, while on a conv before a norm it only changes the step size."""
     params = [p for p in model.parameters() if p.requires_grad]
-    spared = {id(p) for m in model.modules()
-              if (not recipe.decay_norms and isinstance(m, NORM_LAYERS))
-              or (not recipe.decay_depthwise and is_depthwise(m))
-              for p in m.parameters(recurse=False)}
+    spared = set() if recipe.decay_norms else {
+        id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
+        for p in m.parameters(recurse=False)}
     if spared:
         params = [dict(params=[p for p in params if id(p) not in spared]),
                   dict(params=[p for p in params if id(p) in spared], weight_decay=0.0)]
@@ -504,9 +478,8 @@ def make_optimizer(model, recipe, steps_per_epoch):
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch + 1,
-        pct_start=recipe.warmup, anneal_strategy=recipe.anneal, div_factor=10, final_div_factor=100,
+        pct_start=recipe.warmup, anneal_strategy="linear", div_factor=10, final_div_factor=100,
         cycle_momentum=recipe.momentum_swing > 0,
-        # rounded so that 0.9 -+ 0.05 are exactly the 0.85 and 0.95 every recorded run trained with
         base_momentum=round(recipe.momentum - recipe.momentum_swing, 10),
         max_momentum=round(recipe.momentum + recipe.momentum_swing, 10))
     return opt, sched
@@ -561,48 +534,16 @@ def batch_loss(model, x, y, label_smoothing=0.0):
     return loss, log_probs
 
 
-@contextmanager
-def batchnorm_stats_held(model):
-    """BatchNorm layers still normalise by the batch but leave their running statistics as they are
-    (momentum 0), for a second forward pass over a batch they have already counted."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(layers, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
-
-
-def train_step(model, x, y, optimizer, label_smoothing=0.0, sam_rho=0.0):
-    """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached.
-    With sam_rho > 0 the step is SAM's (Foret et al. 2021): the gradient is taken again at the weights
-    moved rho along the normalised gradient, the weights are moved back, and the optimizer steps
-    with that second gradient; it costs a second forward and backward pass."""
+def train_step(model, x, y, optimizer, label_smoothing=0.0):
+    """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached."""
     loss, log_probs = batch_loss(model, x, y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if sam_rho > 0:
-        params = [p for p in model.parameters() if p.grad is not None]
-        start = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            scale = sam_rho / (torch.nn.utils.get_total_norm([p.grad for p in params]) + 1e-12)
-            for p in params:
-                p.add_(p.grad * scale)                         # uphill, to the worst nearby point
-        optimizer.zero_grad(set_to_none=True)
-        with batchnorm_stats_held(model):
-            batch_loss(model, x, y, label_smoothing)[0].backward()
-        with torch.no_grad():
-            for p, p0 in zip(params, start):
-                p.copy_(p0)                                    # back to where the step starts, exactly
     optimizer.step()
     return loss, log_probs
 
 
-def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None, sam_rho=0.0):
+def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
     """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
     `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
     model.train()
@@ -610,7 +551,7 @@ def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, a
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader:
-        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing, sam_rho)
+        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing)
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
@@ -645,9 +586,10 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
 
     Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
     learning rate at the end of the epoch, and the seconds the epoch took (training + test).
+    Train accuracy is the running figure over the epoch's augmented batches, dropout on.
     With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images;
-    with recipe.ema the model takes the moving average of its weights and BatchNorm statistics before the
-    last test; with recipe.precise_bn BatchNorm's statistics are then recomputed over train_loader."""
+    with recipe.ema the model takes the moving average of its weights (and BatchNorm's statistics)
+    before the last test, so the last epoch's test figures are the average's."""
     if recipe.whiten_c1:
         whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
@@ -662,11 +604,9 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     for epoch in bar:
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
-                                            recipe.label_smoothing, averaged, recipe.sam_rho)
+                                            recipe.label_smoothing, averaged)
         if averaged is not None and epoch == recipe.epochs:
             model.load_state_dict(averaged.module.state_dict())
-        if recipe.precise_bn and epoch == recipe.epochs:
-            torch.optim.swa_utils.update_bn(train_loader, model)
         test_loss, test_acc = evaluate(model, test_loader)
         row = dict(epoch=epoch, train_loss=round(train_loss, 4), train_acc=round(train_acc, 2),
                    test_loss=round(test_loss, 4), test_acc=round(test_acc, 2),
@@ -684,7 +624,7 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
 def fit_record(model, train_loader, test_loader, recipe, progress=False):
     """`fit`, timed, returned as the fields every benchmark record of a training run holds: the model's
     parameters, its final and best test accuracy, its final train accuracy, the seconds and device it
-    took, and the history (benchmarks/sweep.py and batch_size.py add what they varied)."""
+    took, and the history (the benchmarks add what they varied)."""
     start = time.time()
     history = fit(model, train_loader, test_loader, recipe, progress=progress)
     return dict(params=count_parameters(model), final=history[-1]["test_acc"],
@@ -786,6 +726,14 @@ def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=No
     return train, test
 
 
+def unaugmented(loader):
+    """The same images in order, without augmentation: to measure train accuracy the way test
+    accuracy is measured."""
+    plain = Loader.__new__(Loader)
+    plain.__dict__.update(loader.__dict__, augment=None, shuffle=False)
+    return plain
+
+
 def misclassified(model, loader, n=10):
     """Indices (into loader's images), predicted and true labels of n test images the model
     gets wrong, taken in turn from each true class (a data set stored class by class would
@@ -808,7 +756,6 @@ def norm_by_hand(x, layer):
     """A norm layer's output recomputed from plain tensor ops: the mean and (biased) variance
     over the layer's axes, then its per-channel scale and shift. BatchNorm in eval mode uses
     its running statistics instead of the batch's."""
-    scale, shift = layer.weight.view(1, -1, 1, 1), layer.bias.view(1, -1, 1, 1)
     if isinstance(layer, torch.nn.BatchNorm2d):
         if layer.training:                                   # over (N, H, W), per channel
             mean = x.mean(dim=(0, 2, 3), keepdim=True)
@@ -817,6 +764,8 @@ def norm_by_hand(x, layer):
             mean = layer.running_mean.view(1, -1, 1, 1)
             var = layer.running_var.view(1, -1, 1, 1)
         x_hat = (x - mean) / torch.sqrt(var + layer.eps)
+    elif isinstance(layer, torch.nn.Identity):              # Net("none"): nothing to normalise
+        return x
     elif isinstance(layer, torch.nn.GroupNorm):              # LayerNorm2d is GroupNorm(1, C)
         groups = x.reshape(x.shape[0], layer.num_groups, -1)  # (N, G, C/G * H * W)
         mean = groups.mean(dim=-1, keepdim=True)
@@ -824,17 +773,51 @@ def norm_by_hand(x, layer):
         x_hat = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
     else:
         raise TypeError(f"norm_by_hand knows BatchNorm2d and GroupNorm, not {type(layer).__name__}")
-    return x_hat * scale + shift
+    return x_hat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- through depth
+
+def depth_stats(model, x, y):
+    """Per 3x3 block (C1 ... C9) on one batch: the standard deviation of the block's output
+    (a forward hook) and the norm of the loss's gradient with respect to the block's conv
+    weights (hooks on those weights, run when their gradient is accumulated). One forward and
+    backward pass in train mode, no optimizer step; BatchNorm's running statistics move by one
+    batch, as in a training step. The model's gradients are cleared afterwards."""
+    blocks = {name: getattr(model.layers, name) for name in SPATIAL_BLOCKS}
+    act_std, grad_sq = {}, {name: 0.0 for name in blocks}
+    handles = []
+    for name, block in blocks.items():
+        handles.append(block.register_forward_hook(
+            lambda _m, _inp, out, name=name: act_std.__setitem__(name, out.detach().float().std().item())))
+        for p in block.conv.parameters():
+            handles.append(p.register_post_accumulate_grad_hook(
+                lambda p, name=name: grad_sq.__setitem__(name, grad_sq[name] + p.grad.float().pow(2).sum().item())))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    try:
+        loss, _ = batch_loss(model, x, y)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return dict(blocks=list(blocks), act_std=[act_std[n] for n in blocks],
+                grad_norm=[math.sqrt(grad_sq[n]) for n in blocks], loss=loss.item())
 
 
 # ----------------------------------------------------------------------------- results files
 
 def _atomic_write(path, write, binary=False):
-    """Write a file whole or not at all: into a temporary file beside it, then rename."""
+    """Write a file whole or not at all: into a temporary file beside it, then rename. The file
+    gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
@@ -865,15 +848,54 @@ def load_results(path):
     return record
 
 
+def append_jsonl(path, record):
+    """Add one record as a line of a .jsonl results file: the file is rewritten whole, so a run
+    killed mid-write leaves the old file or the new one."""
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    _atomic_write(path, lambda f: f.write(old + (json.dumps(record) + "\n").encode()), binary=True)
+
+
+def read_jsonl(path):
+    """The records of a .jsonl results file, one per line; none when the file does not exist yet."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not a whole JSON record ({e}); a write was cut off? "
+                                 f"Delete that line and run what it recorded again.") from None
+    return records
+
+
 def recipe_dict(recipe):
     return asdict(recipe)
 
 
 def recipe_from_dict(record):
-    """The Recipe that recipe_dict wrote."""
+    """The Recipe that recipe_dict wrote. A record of a switch this code no longer has is refused,
+    unless the switch was off; that code is at the git tag HISTORY_TAG."""
     record = dict(record)
-    augment = Augment(**record.pop("augment"))
-    return Recipe(**record, augment=augment)
+    augment = dict(record.pop("augment"))
+    for cls, values in ((Recipe, record), (Augment, augment)):
+        known = {f.name for f in fields(cls)}
+        for name in [n for n in values if n not in known]:
+            value = values.pop(name)
+            if value not in REMOVED_SWITCH_OFF.get(name, ()):
+                raise ValueError(f"the record sets {name}={value!r}, a switch this code no longer has: "
+                                 f"check out the git tag {HISTORY_TAG!r} to train it")
+    return Recipe(**record, augment=Augment(**augment))
+
+
+# What the switches that were measured and dropped (doc/tuning.md) read when they were off.
+REMOVED_SWITCH_OFF = {"decay_depthwise": (True,), "train_norm_scale": (True,), "sam_rho": (0.0,),
+                      "anneal": ("linear",), "precise_bn": (False,), "flip_alternate": (False,), "cutout": (0,)}
 
 
 def summarize(history):
@@ -882,592 +904,15 @@ def summarize(history):
     last = history[-1]
     return dict(epochs=len(history), final_train_acc=last["train_acc"], final_test_acc=last["test_acc"],
                 best_test_acc=max(h["test_acc"] for h in history), first_epoch_70=first70,
-                seconds_per_epoch=round(sum(h["seconds"] for h in history) / len(history), 1),
-                gap=round(last["train_acc"] - last["test_acc"], 2))
-
-
-def results_table(records):
-    """The README's results table, in Markdown, from results records (one per norm)."""
-    rows = ["| norm | build | parameters | final train acc | final test acc | best test acc | "
-            "first epoch ≥ 70% | s/epoch | epochs | hardware | data | seed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        s = summarize(r["history"])
-        rows.append(f"| {NORMS.get(r['norm'], r['norm'])} | {r.get('build', '?')} | {r['params']:,} | "
-                    f"{s['final_train_acc']:.2f}% | **{s['final_test_acc']:.2f}%** | {s['best_test_acc']:.2f}% | "
-                    f"{s['first_epoch_70'] or '-'} | {s['seconds_per_epoch']} | {s['epochs']} | "
-                    f"{r['device']} | {r['data']} | {r['seed']} |")
-    return "\n".join(rows)
-
-
-def _replace_block(text, name, body):
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"the text lacks the {start} ... {end} markers around its {name} block")
-    head, rest = text.split(start, 1)
-    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
-
-
-def _fill_blocks(paths, blocks):
-    """Write each generated block {name: body} into whichever of the Markdown files holds its markers
-    (the README, or doc/tuning.md for the tuning narrative's tables); a block no file holds is an error."""
-    texts = {path: Path(path).read_text() for path in paths}
-    for name, body in blocks.items():
-        holders = [path for path, text in texts.items() if f"<!-- {name}:start -->" in text]
-        if not holders:
-            raise ValueError(f"no file of {', '.join(str(p) for p in paths)} has the <!-- {name}:start --> ... "
-                             f"<!-- {name}:end --> markers: put them where the {name} table belongs")
-        for path in holders:
-            texts[path] = _replace_block(texts[path], name, body)
-    for path, text in texts.items():
-        Path(path).write_text(text)
-
-
-def read_jsonl(path):
-    """The records of a .jsonl results file, one per line; none when the file does not exist yet."""
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _flat_recipe(recipe, norm=None):
-    """A recipe record as one flat dict (augment's fields inline), for comparing two of them.
-    Given a norm other than GroupNorm, `groups` is left out: it changes nothing in that run.
-    A record from before a Recipe field existed trained as that field's default (ADDED_FIELDS)."""
-    recipe = {**ADDED_FIELDS, **(recipe or {})} if recipe else {}
-    flat = {**{k: v for k, v in recipe.items() if k != "augment"}, **(recipe.get("augment") or {})}
-    if norm is not None and norm != "gn":
-        flat.pop("groups", None)
-    return flat
-
-
-def _recipe_diff(old, new, norm=None):
-    """(field, old value, new value) for each field where two recipe records of `norm` differ."""
-    a, b = _flat_recipe(old, norm), _flat_recipe(new, norm)
-    return [(k, a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)]
-
-
-def _signed(points):
-    """A difference in points with its sign, e.g. "+0.26"; one that rounds to nothing reads "+0.00", not "-0.00"."""
-    return f"{round(float(points), 2) + 0.0:+.2f}"
-
-
-def _describe(diff):
-    """A recipe diff as text, e.g. "batch_size 128 → 64, lr 0.05 → 0.1"; a run longer than the
-    course allows says so, so that no table reads it as a candidate recipe."""
-    def one(k, x, y):
-        beyond = k == "epochs" and y > MAX_EPOCHS
-        return f"{k} {x} → {y}" + (f" (beyond the {MAX_EPOCHS}-epoch limit: a diagnostic)" if beyond else "")
-    return ", ".join(one(k, x, y) for k, x, y in diff)
-
-
-def recipe_changes(old, new, norm=None):
-    """What differs between two recipe records, e.g. "batch_size 128 → 64"."""
-    return _describe(_recipe_diff(old, new, norm)) or "nothing"
-
-
-def _same_recipe(a, b, norm):
-    """Whether two recipe records train `norm` the same way."""
-    return _flat_recipe(a, norm) == _flat_recipe(b, norm)
-
-
-def _same_notebook_recipe(run, record):
-    """Whether a seed run (benchmarks/sweep.py --notebook-seeds) trained a record's recipe.
-    Runs from before the recipe was recorded carry only their build (none: the reference build)."""
-    if "notebook_recipe" in run:
-        return _same_recipe(run["notebook_recipe"], record.get("recipe"), record["norm"])
-    return run.get("notebook_build", "reference") == record.get("build", "reference")
-
-
-def machine(record):
-    """"GPU" or "CPU" for a run's or a notebook record's device; None where it is not recorded."""
-    device = record.get("device", "")
-    return "GPU" if device.startswith(("NVIDIA", "cuda")) else "CPU" if device.startswith("CPU") else None
-
-
-def _seed_accuracies(record, runs, on=None):
-    """{seed: final test accuracy} of the runs that trained a notebook record's recipe.
-
-    By default: the record itself (seed 1) and the seed runs on its own kind of machine, since
-    the GPU's bf16 and the CPU's float32 arithmetic are not the same experiment. With `on`
-    ("GPU" or "CPU") another machine's runs of that recipe, seed 1 included, without the record."""
-    own = machine(record)
-    accs = {} if on is not None and on != own else {1: record["history"][-1]["test_acc"]}
-    want = on or own
-    for x in runs:
-        if (x.get("name") == "notebook" and x["norm"] == record["norm"] and "final" in x
-                and x["seed"] not in accs and (want is None or machine(x) in (want, None))
-                and _same_notebook_recipe(x, record)):
-            accs[x["seed"]] = x["final"]
-    return accs
-
-
-def _target_met(accs, target):
-    """Whether {seed: final test accuracy} meets a target: the notebook run (seed 1) reaches it and
-    the mean of three seeds is at most one point below it."""
-    mean = float(np.mean(list(accs.values())))
-    if accs[1] < target or (len(accs) >= 3 and mean < target - 1):
-        return "no"
-    if len(accs) >= 3:
-        return "**yes**"
-    missing = [str(k) for k in (2, 3) if k not in accs]
-    return f"notebook run yes; seed{'s' * (len(missing) > 1)} {' and '.join(missing)} not run"
-
-
-def _seed_spread(accs, bold=False):
-    """'mean ± std% (n seeds)' of {seed: final test accuracy}, the mean ± std part in bold if asked;
-    '-' for a single seed, which has no spread."""
-    values = [accs[k] for k in sorted(accs)]
-    if len(values) < 2:
-        return "-"
-    mark = "**" if bold else ""
-    return f"{mark}{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%{mark} ({len(values)} seeds)"
-
-
-def headline_table(records, runs, targets=TARGETS):
-    """The README's opening table: each notebook with its build, its own run's final test accuracy,
-    the mean ± std over its seeds and whether its target is met (targets_table has the detail)."""
-    rows = ["| notebook | norm | build | final test acc (notebook run) | mean ± std over seeds | target | met | "
-            "measured on |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        accs = _seed_accuracies(r, runs)
-        name = f"S8_{NORMS[r['norm']]}.ipynb"
-        rows.append(f"| [{name}]({name}) | {NORMS[r['norm']]} | {r.get('build', 'reference')} | "
-                    f"**{accs[1]:.2f}%** | {_seed_spread(accs)} | {targets[r['norm']]:.1f}% | "
-                    f"{_target_met(accs, targets[r['norm']])} | {r.get('device', '?')} |")
-    return "\n".join(rows)
-
-
-def targets_table(records, runs, targets=TARGETS):
-    """Each current notebook run against its target: the run itself must reach it, and the mean of
-    three seeds (the notebook's and seeds 2 and 3) must be at most one point below it."""
-    rows = ["| norm | target | notebook run (seed 1) | run − target | seeds run | mean | mean − target | "
-            "target met |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        target = targets[r["norm"]]
-        accs = _seed_accuracies(r, runs)
-        run, mean = accs[1], float(np.mean(list(accs.values())))
-        met = _target_met(accs, target)
-        means = f"{mean:.2f}% | {_signed(mean - target)}" if len(accs) > 1 else "- | -"
-        rows.append(f"| {NORMS[r['norm']]} | {target:.1f}% | {run:.2f}% | {_signed(run - target)} | "
-                    f"{', '.join(str(k) for k in sorted(accs))} | {means} | {met} |")
-    return "\n".join(rows)
-
-
-def seeds_table(records, runs):
-    """Final test accuracy of each notebook run (seed 1) plus the extra seeds run through the same
-    recipe (`benchmarks/sweep.py --notebook-seeds`): mean ± std where there are several. The first
-    record of each norm is the current one; the others are labelled by how their recipe differed.
-    Runs of a record's recipe on the other kind of machine get a row of their own below it."""
-    rows = ["| norm | recipe | notebook run (seed 1) | seed 2 | seed 3 | mean ± std |",
-            "|---|---|---|---|---|---|"]
-    current = {}
-
-    def row(norm, label, accs):
-        cells = " | ".join(f"{accs[k]:.2f}%" if k in accs else "not run" for k in (1, 2, 3))
-        return f"| {NORMS[norm]} | {label} | {cells} | {_seed_spread(accs, bold=True)} |"
-    for r in records:
-        current.setdefault(r["norm"], r)
-        build = r.get("build", "reference")
-        earlier = [f"{k} {x}" for k, x, _ in _recipe_diff(r.get("recipe"), current[r["norm"]].get("recipe"), r["norm"])
-                   if k != "build"]
-        label = ", ".join([f"{build} build"] + earlier)
-        rows.append(row(r["norm"], label, _seed_accuracies(r, runs)))
-        for other in {"GPU", "CPU"} - {machine(r)} if machine(r) else ():
-            accs = _seed_accuracies(r, runs, on=other)
-            if accs:
-                rows.append(row(r["norm"], f"{label}: the same recipe on the {other} (sweep runs; the "
-                                           f"first column is the sweep's seed 1)", accs))
-    return "\n".join(rows)
-
-
-def effect_table(records, earlier, proxies):
-    """What moved the number: each notebook run (seed 1, 20 epochs) against the one before it
-    for the same norm, named by what its recipe changed; plus the 4-epoch CPU proxies of the
-    two builds."""
-    rows = ["| norm | what changed | run | before | after | change |", "|---|---|---|---|---|---|"]
-    by_widths = {(x["norm"], x["build"]["widths"]): x for x in proxies if "final" in x}
-    for norm in NORMS:
-        ref, sep = by_widths.get((norm, "ref")), by_widths.get((norm, "s1"))
-        if ref and sep:
-            rows.append(f"| {NORMS[norm]} | build reference → separable | {len(sep['history'])}-epoch CPU "
-                        f"proxy | {ref['final']:.2f}% | {sep['final']:.2f}% | **{_signed(sep['final'] - ref['final'])}** |")
-    for r in records:
-        chain = [e for e in earlier if e["norm"] == r["norm"]] + [r]
-        for a, b in zip(chain, chain[1:]):
-            x, y = a["history"][-1]["test_acc"], b["history"][-1]["test_acc"]
-            rows.append(f"| {NORMS[r['norm']]} | {recipe_changes(a.get('recipe'), b.get('recipe'), r['norm'])} | "
-                        f"{len(b['history'])}-epoch notebook runs | {x:.2f}% ({a['device']}) | "
-                        f"{y:.2f}% ({b['device']}) | **{_signed(y - x)}** |")
-    return "\n".join(rows)
-
-
-def trials_table(runs, records=()):
-    """Every trial of the sweeps: configuration, epochs and final test accuracy. Runs through the
-    notebooks' recipe name their changes to it: to the current notebook `records` where a run
-    recorded its recipe (and groups for GroupNorm), else "the notebooks' recipe" of their time."""
-    current = {r["norm"]: r for r in reversed(list(records))}
-
-    def recipe_text(x):
-        if not x["name"].startswith("notebook"):
-            changes = dict(x.get("recipe") or {}, **(x.get("augment") or {}))
-            if x["norm"] == "gn":
-                changes["groups"] = x["groups"]
-            return ", ".join(f"{k}={v}" for k, v in changes.items())
-        if "notebook_recipe" in x and x["norm"] in current:
-            diff = _describe([d for d in _recipe_diff(current[x["norm"]].get("recipe"), x["notebook_recipe"], x["norm"])
-                              if d[0] != "build"])   # the build has its own column
-            return ", ".join(["the notebooks' recipe"] + ([diff] if diff else []))
-        return "the notebooks' recipe" + (f", groups={x['groups']}" if x["norm"] == "gn" else "")
-
-    rows = ["| norm | trial | seed | params | build (widths, tail padding, skips, dropout, separable blocks) | "
-            "recipe changes | epochs | measured on | final train acc | final test acc |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    done = [(x, recipe_text(x)) for x in runs if "final" in x]
-    for x, recipe in sorted(done, key=lambda d: (list(NORMS).index(d[0]["norm"]), d[0]["name"],
-                                                 d[0].get("notebook_build", ""), d[1], d[0]["seed"])):
-        build = x.get("build") or {}
-        arch = (f"{build['widths']}, {build['tail_padding']}, {'yes' if build['skips'] else 'no'}, {build['dropout']}, "
-                + (" ".join(build["separable"]) if build.get("separable") else "none")
-                if build else f"{x.get('notebook_build', 'reference')} build")
-        rows.append(f"| {x['norm']} | {x['name']} | {x['seed']} | {x['params']:,} | {arch} | {recipe} | "
-                    f"{len(x['history'])} | {machine(x)} | {x['train_final']:.2f}% | {x['final']:.2f}% |")
-    return "\n".join(rows)
-
-
-def _as_run(record):
-    """An earlier notebook record in the shape of a sweep run of its recipe."""
-    return dict(name="notebook", norm=record["norm"], seed=record.get("seed", 1), device=record.get("device", ""),
-                notebook_recipe=record.get("recipe"), final=record["history"][-1]["test_acc"],
-                train_final=record["history"][-1].get("train_acc"), history=record["history"])
-
-
-def _rebased(current, bases, recipe, norm):
-    """(index of a base or None, diff): a notebook-path run's recipe as a change to the nearest of the
-    current notebook recipe (None) and `bases` (earlier notebook recipes): the one it differs from in
-    the fewest fields, the current recipe on a tie. A run of a base itself reads as that base's change
-    to the current recipe, so earlier notebook recipes stay changes to today's."""
-    own = tuple(_recipe_diff(current, recipe, norm))
-    diffs = [tuple(_recipe_diff(b, recipe, norm)) for b in bases]
-    if not own or () in diffs:
-        return None, own
-    best = min(range(len(bases)), key=lambda i: len(diffs[i]), default=None)
-    return (best, diffs[best]) if best is not None and len(diffs[best]) < len(own) else (None, own)
-
-
-def _earlier_recipes(record, earlier, measured_in=None):
-    """The `earlier` notebook records of the recipes a norm's notebook trained before its current one
-    (each may name its folder under doc/results/earlier/ as "folder"), newest first, one per recipe,
-    the current recipe left out; given `measured_in` (runs), only the recipes one of them trained."""
-    norm, out = record["norm"], []
-    for e in reversed(list(earlier)):
-        if (e["norm"] == norm and e.get("recipe")
-                and not _same_recipe(e["recipe"], record.get("recipe"), norm)
-                and not any(_same_recipe(e["recipe"], o["recipe"], norm) for o in out)
-                and (measured_in is None
-                     or any(_same_recipe(x["notebook_recipe"], e["recipe"], norm) for x in measured_in))):
-            out.append(e)
-    return out
-
-
-def _earlier_rank(base_diff, named):
-    """{an earlier recipe's change to today's recipe: its rank, 0 the newest} for the `named` earlier
-    records (newest first, as _earlier_recipes returns them) that have a folder; base_diff[i] is
-    named[i]'s change. Orders the earlier recipes in the tuning table and the fit-vs-test key."""
-    rank = {}
-    for i, (diff, record) in enumerate(zip(base_diff, named)):
-        if record.get("folder"):
-            rank.setdefault(diff, i)
-    return rank
-
-
-def tuning_table(runs, records, earlier=()):
-    """Changes to the notebook recipes, each one's mean over its seeds against the nearest recipe
-    measured on the same kind of machine (bf16 on a GPU is not the CPU's float32, so a comparison
-    never crosses machines). A run is named by its change to the recipe it is nearest to: the
-    current notebook recipe or, for a trial from before that recipe changed, the earlier notebook
-    recipe it changed (the "changed from" column names it by its folder under doc/results/earlier/,
-    and its own row, its change to today's recipe, stands just above its trials; `earlier` notebook
-    records count as runs of their recipe). Rows: today's recipe and its trials first, then the
-    earlier recipes, newest first. Against: of the measured recipes that make only some of the
-    row's changes (the recipe it changed makes none), the one that makes the most, an earlier
-    recipe named by its folder. The unchanged recipe's seeds on the notebook's own machine include
-    the notebook run. A recipe has one accuracy per seed and machine (a sweep run that repeats an
-    earlier notebook run is not counted twice)."""
-    rows = ["| norm | measured on | changed from | change | seeds | mean | against the nearest measured recipe |",
-            "|---|---|---|---|---|---|---|"]
-    everything = list(runs) + [_as_run(e) for e in earlier if e.get("recipe")]
-    for r in records:
-        norm, current = r["norm"], r.get("recipe")
-        mine = [x for x in everything if x["norm"] == norm and x.get("name", "").startswith("notebook")
-                and x.get("notebook_recipe") and "final" in x and machine(x)]
-        for on in ("CPU", "GPU"):
-            here = [x for x in mine if machine(x) == on]
-            # an earlier recipe is a base on this machine only where it was measured here itself
-            named = _earlier_recipes(r, earlier, measured_in=here)
-            bases = [e["recipe"] for e in named]
-            groups = {}
-            for x in here:
-                base, diff = _rebased(current, bases, x["notebook_recipe"], norm)
-                if base is not None or diff:
-                    groups.setdefault((base, diff), {}).setdefault(x["seed"], x["final"])
-            own = list(_seed_accuracies(r, runs, on=on).values())
-            if own:
-                groups[(None, ())] = dict(enumerate(own))
-            if not groups:
-                continue
-            base_diff = [tuple(_recipe_diff(current, b, norm)) for b in bases]
-
-            def label(diff):
-                return _describe(diff) or "none (the notebook's recipe)"
-
-            def name(i):    # an earlier recipe by its folder's name, else by its change to today's
-                folder = named[i].get("folder")
-                return f"its earlier recipe `{folder}`" if folder else label(base_diff[i])
-
-            earlier_rank = _earlier_rank(base_diff, named)
-
-            def emit(base, diff, changed_from, suffix=""):
-                accs = list(groups[(base, diff)].values())
-                spread = f" ± {np.std(accs, ddof=1):.2f}" if len(accs) > 1 else ""
-                pool = {d: list(v.values()) for (b, d), v in groups.items() if b == base}
-                if base is not None:         # the recipe it changed: that recipe's own runs
-                    pool[()] = list(groups[(None, base_diff[base])].values())
-                nearer = [d for d in pool if set(d) < set(diff)]
-                if base is None and not diff:
-                    delta = "-"
-                elif not nearer:
-                    delta = "no run of a recipe it changes"
-                else:
-                    near = max(nearer, key=len)
-                    delta = f"**{_signed(np.mean(accs) - np.mean(pool[near]))}**"
-                    if near and base is None and near in earlier_rank:
-                        delta += f" against {name(earlier_rank[near])}"
-                    elif near:
-                        delta += f" against {label(near)}"
-                rows.append(f"| {NORMS[norm]} | {on} | {changed_from} | {label(diff)}{suffix} | {len(accs)} | "
-                            f"{np.mean(accs):.2f}{spread}% | {delta} |")
-
-            # the recipe, then its trials, then the earlier recipes newest first, each above its trials
-            for diff in sorted((d for b, d in groups if b is None),
-                               key=lambda d: (d != (), earlier_rank.get(d, -1), label(d))):
-                was = [i for i, d in enumerate(base_diff) if d == diff]
-                emit(None, diff, "-" if not diff else "the notebook's recipe",
-                     f" ({name(was[0])})" if was and named[was[0]].get("folder") else "")
-                for i in was:   # the trials that changed this earlier recipe, just below it
-                    for kid in sorted((k for b, k in groups if b == i), key=label):
-                        emit(i, kid, name(i))
-    return "\n".join(rows)
-
-
-def jpeg_table(records, jpeg_runs, runs=(), earlier=()):
-    """The data diagnostic (benchmarks/jpeg_quality.py): each run of a notebook's recipe on the copy
-    re-encoded at a lower JPEG quality, or at its own quality with the block grid moved, against the
-    run of the same recipe, seed and kind of machine on the copy as it is (the notebook's own run for
-    seed 1, else a seed run from `runs`), from which it differs only in the pixels; per re-encoding
-    with several seeds, the mean change. Runs of a recipe the notebook had before (`earlier`
-    records) compare with that recipe's runs and say which recipe it was."""
-    rows = ["| norm | JPEG re-encoding | seed | mean change per pixel | final train acc | final test acc | "
-            "the copy, same seed | change |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        recipes = [(r, NORMS[r["norm"]])] + [
-            (e, f"{NORMS[r['norm']]} (its earlier recipe `{e['folder']}`)" if e.get("folder") else NORMS[r["norm"]])
-            for e in _earlier_recipes(r, earlier)]
-        for rec, who in recipes:
-            on_copy = _seed_accuracies(rec, runs)
-            same = sorted((x for x in jpeg_runs if x.get("norm") == r["norm"] and "final" in x
-                           and x.get("seed") in on_copy and machine(x) == machine(rec)
-                           and _same_notebook_recipe(x, rec)),
-                          key=lambda x: (-x["jpeg_quality"], x.get("jpeg_shift", 0), x["seed"]))
-            for quality, shift in dict.fromkeys((x["jpeg_quality"], x.get("jpeg_shift", 0)) for x in same):
-                how = f"quality {quality}" + (f", block grid moved {shift} px" if shift else "")
-                changes = []
-                for x in (x for x in same if (x["jpeg_quality"], x.get("jpeg_shift", 0)) == (quality, shift)):
-                    changes.append(x["final"] - on_copy[x["seed"]])
-                    rows.append(f"| {who} | {how} | {x['seed']} | {x['mean_abs_change']:.2f} levels "
-                                f"of 255 | {x['train_final']:.2f}% | {x['final']:.2f}% | {on_copy[x['seed']]:.2f}% | "
-                                f"**{_signed(changes[-1])}** |")
-                if len(changes) > 1:
-                    rows.append(f"| {who} | {how} | mean of {len(changes)} | | | | | "
-                                f"**{_signed(np.mean(changes))}** |")
-    return "\n".join(rows)
-
-
-def base_batch(run):
-    """The batch a benchmarks/batch_size.py run scaled its lr from (the notebooks' batch when it ran). Runs from
-    before the record carried it all scaled from 64, the notebooks' batch then."""
-    return run.get("base_batch", 64)
-
-
-def _batch_sweeps(runs):
-    """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm, batch and
-    seed the same: epochs, training images, machine, data, the batch the lr scales from), in the order they
-    first appear."""
-    sweeps = {}
-    for r in runs:
-        sweeps.setdefault((r["epochs"], r["train_subset"], machine(r), r["data"], base_batch(r)), []).append(r)
-    return list(sweeps.values())
-
-
-def batch_size_means(sweep):
-    """{(norm, batch): dict(final, train_final: means over the sweep's seeds of that cell, std: of the finals,
-    seeds)} for one sweep of _batch_sweeps."""
-    cells = {}
-    for r in sweep:
-        cells.setdefault((r["norm"], r["batch_size"]), []).append(r)
-    return {key: dict(final=float(np.mean([r["final"] for r in rs])),
-                      train_final=float(np.mean([r["train_final"] for r in rs])),
-                      std=float(np.std([r["final"] for r in rs], ddof=1)) if len(rs) > 1 else None,
-                      seeds=sorted(r["seed"] for r in rs))
-            for key, rs in cells.items()}
-
-
-def batch_size_table(runs):
-    """One table per batch-size sweep (benchmarks/batch_size.py): a row per batch size, each norm's final
-    test accuracy (the mean over the sweep's seeds, ± their standard deviation) and final train accuracy,
-    led by a line that says what every run of it trained on."""
-    blocks = []
-    for sweep in _batch_sweeps(runs):
-        first, means = sweep[0], batch_size_means(sweep)
-        norms = [n for n in NORMS if any(r["norm"] == n for r in sweep)]
-        seeds = sorted({r["seed"] for r in sweep})
-        pooled = (f"seeds {', '.join(map(str, seeds))} (each cell the mean over them, ± their standard deviation)"
-                  if len(seeds) > 1 else f"seed {seeds[0]}")
-        rows = [f"Measured on {first['device']}, data `{first['data']}`, {pooled}, {first['epochs']} "
-                f"epochs on {first['train_subset']:,} training images, the full test set; each norm's notebook "
-                f"recipe with lr scaled by batch / {base_batch(first)} and no weight average. Final test accuracy "
-                f"(final train accuracy):", "",
-                "| batch | steps per epoch | peak lr | " + " | ".join(NORMS[n] for n in norms) + " |",
-                "|---|---|---|" + "---|" * len(norms)]
-        for batch in sorted({r["batch_size"] for r in sweep}):
-            cells = []
-            for n in norms:
-                m = means.get((n, batch))
-                if m is None:
-                    cells.append("not run")
-                    continue
-                spread = f" ± {m['std']:.2f}" if m["std"] is not None else ""
-                partial = f" (seed {', '.join(map(str, m['seeds']))} only)" if m["seeds"] != seeds else ""
-                cells.append(f"**{m['final']:.2f}%**{spread} ({m['train_final']:.2f}%){partial}")
-            lr = next(r["lr"] for r in sweep if r["batch_size"] == batch)
-            rows.append(f"| {batch} | {math.ceil(first['train_subset'] / batch):,} | {lr:.4g} | "
-                        + " | ".join(cells) + " |")
-        blocks.append("\n".join(rows))
-    return "\n\n".join(blocks) if blocks else "No batch-size sweep has run yet (`benchmarks/batch_size.py`)."
-
-
-def speed_table(records):
-    """benchmarks/speed.py results, one row per machine; records from before a column existed
-    show "-" there (their build was the reference one)."""
-    columns = ["pipeline: ours (utils.Loader)", "pipeline: conventional (PIL + DataLoader, 2 workers)",
-               "compute floor (one batch, repeated)", "compute floor, NCHW layout", "our training epoch",
-               "evaluation"]
-    rows = ["| machine | build | ours: pipeline | conventional pipeline | compute floor | compute floor, NCHW | "
-            "our training epoch | evaluation | s per epoch | overhead | pipeline speed-up | channels_last speed-up |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        rate = {row["what"]: row["images_per_s"] for row in r["rows"]}
-        rates = " | ".join(f"{rate[c]:,.0f}" if c in rate else "-" for c in columns)
-        layout = f"**{r['channels_last_speedup']:.2f}x**" if "channels_last_speedup" in r else "-"
-        rows.append(f"| {r['device']} (torch {r['torch']}) | {r.get('build', 'reference')} | {rates} | "
-                    f"{r['epoch_seconds']} | **{r['overhead']:.2f}** | **{r['pipeline_speedup']:.1f}x** | {layout} |")
-    return "\n".join(rows)
-
-
-def lr_range_table(records):
-    """benchmarks/lr_range.py results, one row per norm: where each range test's loss fell fastest
-    and where it bottomed out, against the peak lr the norm's recipe trains with."""
-    rows = ["| norm | build | steps run (of planned) | steepest fall at lr | lowest loss at lr | "
-            "recipe's peak lr | measured on | data | seed |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        rows.append(f"| {NORMS[r['norm']]} | {r['build']} | {len(r['lr'])} of {r['steps']} | "
-                    f"{r['lr_steepest']:.3g} | {r['lr_at_min']:.3g} | **{r['recipe_lr']:g}** | "
-                    f"{machine(r)}, batch {r['batch_size']} | {r['data']} | {r['seed']} |")
-    return "\n".join(rows)
-
-
-def _notebook_lines(path, prefix):
-    """Output lines of an executed notebook that start with prefix (numbers quoted from its run)."""
-    nb = json.loads(Path(path).read_text())
-    return [line for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell.get("outputs", [])
-            if out.get("output_type") == "stream" for line in "".join(out["text"]).splitlines()
-            if line.startswith(prefix)]
-
-
-def read_trials(results_dir):
-    """Every trial record of the sweeps: the lines of all trials-*.jsonl files in results_dir."""
-    return [x for path in sorted(Path(results_dir).glob("trials-*.jsonl")) for x in read_jsonl(path)]
-
-
-def earlier_records(results_dir, records):
-    """The earlier notebook runs under results_dir/earlier/<n>-<label>/<norm>.json, one list per
-    folder, oldest folder first, each record tagged with its folder's name ("folder"). A run that
-    trained the current recipe of one of `records` is that current run itself and is left out."""
-    current = {r["norm"]: r.get("recipe") for r in records}
-    folders = sorted(p for p in Path(results_dir).glob("earlier/*") if p.is_dir())
-    return [[dict(r, folder=f.name)
-             for r in (load_results(f / f"{n}.json") for n in NORMS if (f / f"{n}.json").exists())
-             if not _same_recipe(r.get("recipe"), current.get(r["norm"]), r["norm"])] for f in folders]
-
-
-def render_report(root="."):
-    """Rewrite the generated blocks of the README (headline, results, seeds, targets, effects, speed, data
-    statistics, batch sizes, lr range tests, trials) and of doc/tuning.md (tuning, JPEG quality), and doc/trials.md,
-    doc/comparison.png, doc/bn_fit_vs_test.png, doc/batch_size.png and doc/lr_range.png, from doc/results/
-    and the executed notebooks."""
-    root = Path(root)
-    results_dir = root / "doc" / "results"
-    records = [load_results(results_dir / f"{n}.json") for n in NORMS
-               if (results_dir / f"{n}.json").exists()]
-    if not records:
-        raise FileNotFoundError(f"no results in {results_dir}: run the notebooks first")
-    plot_comparison({NORMS[r["norm"]]: r["history"] for r in records}, path=root / "doc" / "comparison.png")
-    runs = read_trials(results_dir)
-    by_folder = earlier_records(results_dir, records)
-    earlier = [r for group in by_folder for r in group]
-    for r in records:
-        if r["norm"] == "bn":      # the norm still short of its target, with the most trials
-            plot_fit_vs_test(r, runs, TARGETS["bn"], path=root / "doc" / "bn_fit_vs_test.png", earlier=earlier)
-    trials = trials_table(runs, records)
-    _atomic_write(root / "doc" / "trials.md", lambda f: f.write(
-        "# Trials\n\nEvery training of the sweeps (`benchmarks/sweep.py`), written from "
-        "`doc/results/trials-*.jsonl`: full 20-epoch runs (GPU: an NVIDIA H200; CPU: the project's "
-        "2-core machine), and short CPU proxies (the epochs column says 4; their one-cycle schedule "
-        "spans those 4 epochs) that rank ideas before a full run. Every run used the JPEG copy of "
-        "CIFAR-10. Unless a column says otherwise: SGD with Nesterov momentum 0.9, "
-        "one-cycle learning rate with peak lr 0.05, weight decay 5e-4, batch 128, no label smoothing, "
-        "flip p=0.5 and a random crop with padding 4 (no rotation). The width names `ref`, `a`, `b`, `c`, "
-        "`s1`, `s2` are the C1 C2 c3 C3 C4 C5 c6 C7 C8 C9 widths listed in `benchmarks/sweep.py` "
-        "(`WIDTHS`). \"notebook\" rows train through the notebooks' code path with the build named; "
-        "their recipe column lists what differs from the current notebook's recipe for that norm "
-        "(\"a → b\": the notebook has a, the run had b), or says \"the notebooks' recipe\" for runs "
-        "from before the recipe was recorded. GPU runs compute in bf16 autocast, CPU runs in float32.\n\n"
-        + trials + "\n"))
-    speeds = [json.loads(p.read_text()) for p in sorted(results_dir.glob("speed-*.json"))]
-    stats = "\n".join(_notebook_lines(root / "S8_BatchNorm.ipynb", "mean:") +
-                      _notebook_lines(root / "S8_BatchNorm.ipynb", "std: "))
-    blocks = {
-        "headline": headline_table(records, runs),
-        "results": results_table(records),
-        "seeds": seeds_table(records + [r for group in by_folder[::-1] for r in group], runs),
-        "targets": targets_table(records, runs),
-        "trials": trials,
-        "tuning": tuning_table(runs, records, earlier),
-        "effects": effect_table(records, earlier, read_jsonl(results_dir / "trials-proxy.jsonl")),
-        "speed": speed_table(speeds),
-        "jpeg": jpeg_table(records, read_jsonl(results_dir / "jpeg-quality.jsonl"), runs, earlier),
-        "stats": f"```\n{stats}\n```",
-    }
-    batch_runs = read_jsonl(results_dir / "batch-size.jsonl")
-    if batch_runs:
-        plot_batch_sizes(batch_runs, path=root / "doc" / "batch_size.png")
-    blocks["batch-size"] = batch_size_table(batch_runs)
-    lr_range = results_dir / "lr-range.json"
-    if lr_range.exists():
-        lr_records = json.loads(lr_range.read_text())
-        plot_lr_range(lr_records, path=root / "doc" / "lr_range.png")
-        blocks["lr-range"] = lr_range_table(lr_records)
-    _fill_blocks([root / "README.md", root / "doc" / "tuning.md"], blocks)
+                seconds_per_epoch=round(sum(h["seconds"] for h in history) / len(history), 1))
+
+
+def figure_dir(quick):
+    """Where a notebook writes its figures and results: doc/ for a full run; for a quick (CI) run
+    one fixed folder under the system's temporary directory, reused, so doc/ is never touched."""
+    folder = Path(tempfile.gettempdir()) / "s8-quick" if quick else Path("doc")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 # ----------------------------------------------------------------------------- plots
@@ -1478,10 +923,10 @@ def _plt():
 
 
 def _finish(fig, path):
-    """Save with a fixed dpi and no software stamp, so reruns give the same bytes."""
+    """Save with a fixed dpi and no software stamp, so reruns give the same bytes; whole or not at all."""
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+                                                  metadata={"Software": None}), binary=True)
     return fig
 
 
@@ -1489,7 +934,8 @@ def show_images(images, labels=None, classes=CLASSES, captions=None, nrows=4, nc
                 title=None):
     """A grid of uint8 images (N, 3, H, W), captioned by class name, or by `captions` if given."""
     plt = _plt()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 1.5 * nrows + (0.4 if title else 0)))
+    lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions is not None else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, (1.3 + 0.2 * lines) * nrows + (0.4 if title else 0)))
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if i >= len(images):
@@ -1512,18 +958,24 @@ def denormalize(x, mean, std):
     return (x.float() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
-def plot_history(history, title="", path=None):
-    """Loss and accuracy per epoch, train and test side by side."""
+def plot_history(history, title="", averaged_last=False, path=None):
+    """Loss and accuracy per epoch, train and test side by side; averaged_last marks the last test
+    point as the weight average's (Recipe.ema)."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-o"), ("test", "-s")):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, ms=3, label=split)
         ax_acc.plot(epochs, [h[f"{split}_acc"] for h in history], style, ms=3, label=split)
+    if averaged_last:
+        ax_acc.plot(epochs[-1], history[-1]["test_acc"], "*", ms=12, color="C3", label="test, weight average")
+        ax_loss.plot(epochs[-1], history[-1]["test_loss"], "*", ms=12, color="C3", label="test, weight average")
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title} loss".strip())
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title} accuracy".strip())
     ax_acc.axhline(70, color="grey", lw=0.8, ls="--")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -1550,35 +1002,56 @@ def plot_comparison(histories, path=None):
     return _finish(fig, path)
 
 
-def plot_batch_sizes(runs, path=None):
-    """The last batch-size sweep of _batch_sweeps (benchmarks/batch_size.py): final test accuracy (solid, with
-    the seeds' standard deviation as error bars where there are several) and final train accuracy (dotted)
-    against the batch size, means over the seeds, one colour per norm."""
-    sweep = _batch_sweeps(runs)[-1]
-    means = batch_size_means(sweep)
-    batches = sorted({b for _, b in means})
-    seeds = sorted({r["seed"] for r in sweep})
+def plot_depth(record, path=None):
+    """Two panels from benchmarks/why_normalise.py's record: each 3x3 block's output scale and the
+    norm of its weights' gradient, a line per norm (mean over seeds), dashed at initialisation and
+    solid after the short training; log scale."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for norm in NORMS:
-        mine = [(b, means[norm, b]) for b in batches if (norm, b) in means]
-        if not mine:
-            continue
-        xs = [b for b, _ in mine]
-        line = ax.errorbar(xs, [m["final"] for _, m in mine], yerr=[m["std"] or 0 for _, m in mine], fmt="-o",
-                           capsize=3, label=f"{NORMS[norm]} test")[0]
-        ax.plot(xs, [m["train_final"] for _, m in mine], ":", color=line.get_color(), label=f"{NORMS[norm]} train")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, labels=batches)
-    ax.set(xlabel="batch size (peak lr scaled by batch / 64)", ylabel="final accuracy (%)",
-           title=f"Batch size: {sweep[0]['epochs']} epochs on {sweep[0]['train_subset']:,} images, "
-                 + (f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=labels.__getitem__)     # each norm's test line beside its train line
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (key, label), ax in zip((("act_std", "std of the block's output"),
+                                 ("grad_norm", "gradient norm of the block's conv weights")), axes):
+        for k, norm in enumerate(record["norms"]):
+            color = f"C{k}"
+            mine = [r for r in record["runs"] if r["norm"] == norm]
+            # the recipe's peak lr, unless every run there stayed at chance: then the lower lr it was rerun at
+            at_peak = [r for r in mine if r["lr"] == record["recipe_lr"]]
+            lower = [r for r in mine if r not in at_peak]
+            use = lower if lower and all(r["at_chance"] for r in at_peak) else at_peak
+            for when, style in (("init", "--"), ("trained", "-o")):
+                runs = [r[when][key] for r in use]
+                ax.plot(record["blocks"], np.mean(runs, axis=0), style, color=color, ms=3,
+                        label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}")
+        ax.set(yscale="log", xlabel="block (input side to output side)", ylabel=label, title=label)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def show_augmentations(images, augment, mean, std, seed=0, path=None):
+    """Rows: the originals, then each augmentation on its own at full strength, then the recipe's
+    own mix, all through the same batched code the loader uses."""
+    n = len(images)
+    parts = {"original": Augment(flip=0, rotate_p=0),
+             "flip": Augment(flip=1, rotate_p=0),
+             f"rotate ±{augment.rotate_deg or 10:g}°": Augment(flip=0, rotate_deg=augment.rotate_deg or 10,
+                                                            rotate_p=1),
+             f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, rotate_p=0, crop_pad=augment.crop_pad or 4),
+             "recipe": augment}
+    rows = []
+    for name, aug in parts.items():
+        loader = Loader(images, torch.zeros(n, dtype=torch.int64), mean, std, batch_size=n,
+                        augment=aug, seed=seed)
+        rows.append(denormalize(next(iter(loader))[0], mean, std))
+    grid = torch.cat(rows)
+    captions = [name if i == 0 else "" for name in parts for i in range(n)]
+    return show_images(grid, captions=captions, nrows=len(parts), ncols=n, path=path)
+
+
+def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, title=None):
+    """Misclassified uint8 images as a 5x2 grid (5 columns, 2 rows), captioned predicted/true."""
+    captions = [f"pred: {classes[p]}\ntrue: {classes[t]}" for p, t in zip(predicted.tolist(), true.tolist())]
+    return show_images(images, captions=captions, nrows=2, ncols=5, path=path, title=title)
 
 
 def plot_lr_range(records, path=None):
@@ -1607,126 +1080,6 @@ def plot_lr_range(records, path=None):
     return _finish(fig, path)
 
 
-FIT_VS_TEST_FLOOR = 5.0   # points under the notebook run where plot_fit_vs_test's axis stops
-
-
-def plot_fit_vs_test(record, runs, target=None, path=None, earlier=()):
-    """Final train accuracy against final test accuracy of every full run of one norm through the
-    notebooks' code path on the notebook record's kind of machine: the notebook's recipe (its run and
-    seeds) and each recipe that changes it, labelled by the change. A trial nearer an earlier
-    notebook recipe (`earlier` records, whose own runs count too) is labelled by its change to that
-    one, "on" its number, as in tuning_table. Where the points spread along train accuracy and not
-    along test accuracy, the changes moved how well the network fits its training set and not how
-    well it generalises. A change that ended more than FIT_VS_TEST_FLOOR points under the notebook
-    run is drawn on the axis floor, with its accuracy written beside it."""
-    plt = _plt()
-    norm, own, epochs = record["norm"], machine(record), len(record["history"])
-
-    def full(x):
-        return (x.get("name") == "notebook" and x["norm"] == norm and "final" in x and x.get("notebook_recipe")
-                and machine(x) == own and len(x.get("history", ())) == epochs)
-
-    def run_of(x):
-        return tuple(_recipe_diff(record.get("recipe"), x["notebook_recipe"], norm)), x["seed"]
-    pool = [x for x in runs if full(x)]
-    swept = {run_of(x) for x in pool}
-    # an earlier notebook run counts where no sweep run repeats it (same recipe and seed)
-    pool += [x for x in map(_as_run, (e for e in earlier if e.get("recipe"))) if full(x) and run_of(x) not in swept]
-    if not pool:
-        raise ValueError(f"no {epochs}-epoch notebook-path runs of {norm!r} on the {own} among the trials")
-    named = _earlier_recipes(record, earlier, measured_in=pool)
-    bases = [e["recipe"] for e in named]
-    points = [(*_rebased(record.get("recipe"), bases, x["notebook_recipe"], norm), x["seed"], x["train_final"],
-               x["final"]) for x in pool]
-    fig, ax = plt.subplots(figsize=(11, 5.5))
-    # a sweep run of the notebook's own recipe and seed repeats the notebook run: drawn once (as tuning_table)
-    mine = [(a, b) for base, diff, seed, a, b in points
-            if base is None and not diff and seed != record.get("seed", 1)]
-    last = record["history"][-1]
-    mine.append((last["train_acc"], last["test_acc"]))
-    ax.plot(*zip(*mine), "o", ms=8, color="C0", label="the notebook's recipe (its run and seeds)")
-
-    def text(diff):
-        return _describe(diff).replace(" → ", "→")
-    changed = [(base, diff, a, b) for base, diff, _, a, b in points if base is not None or diff]
-    # A change that failed outright would squash every other run into one line: the axis stops a few
-    # points under the notebook run, and such a run sits on that floor, its accuracy written beside it.
-    floor = last["test_acc"] - FIT_VS_TEST_FLOOR
-    kept = [c for c in changed if c[3] >= floor]
-    fallen = [c for c in changed if c[3] < floor]
-    if kept:
-        ax.plot([a for *_, a, _ in kept], [b for *_, b in kept], "s", ms=6, color="C1",
-                label="a change to it (numbered, key on the right)")
-    if fallen:
-        ax.plot([a for *_, a, _ in fallen], [floor] * len(fallen), "v", ms=8, color="C1",
-                label=f"a change that ended below {floor:.1f}% (on the floor, its accuracy beside it)")
-    # the labels are numbers with a key beside the axes: the runs crowd at similar accuracies; the
-    # trials that changed an earlier recipe follow that recipe's own number
-    key, lines = {}, []
-    base_diff = [tuple(_recipe_diff(record.get("recipe"), b, norm)) for b in bases]
-    # an earlier notebook recipe goes by its folder's name, shorter than its change to today's
-    called = {d: f"the notebook's earlier recipe {e['folder']}" for d, e in zip(base_diff, named) if e.get("folder")}
-    rank = _earlier_rank(base_diff, named)
-    # as in tuning_table: the changes to today's recipe, then the earlier recipes newest first
-    for diff in sorted({d for base, d, *_ in changed if base is None}, key=lambda d: (rank.get(d, -1), text(d))):
-        key[None, diff] = len(key) + 1
-        lines.append(f"{key[None, diff]:>2}  {called.get(diff, text(diff))}")
-        for i in (i for i, d in enumerate(base_diff) if d == diff):
-            for kid in sorted({d for base, d, *_ in changed if base == i}, key=text):
-                key[i, kid] = len(key) + 1
-                lines.append(f"{key[i, kid]:>2}  on {key[None, diff]}: {text(kid)}")
-    for base, diff, a, b in kept:
-        ax.annotate(str(key[base, diff]), (a, b), xytext=(4, 3), textcoords="offset points", fontsize=8)
-    middle = sum(a for *_, a, _ in changed) / len(changed)
-    for base, diff, a, b in fallen:    # its text written towards the middle, away from the axes' edge
-        right = a > middle
-        ax.annotate(f"{key[base, diff]}: {b:.2f}%", (a, floor), xytext=(-7 if right else 7, 3),
-                    textcoords="offset points", fontsize=8, ha="right" if right else "left")
-    lines = [textwrap.fill(line, 72, subsequent_indent=" " * 4) for line in lines]
-    ax.text(1.02, 1.0, "\n".join(lines), transform=ax.transAxes,
-            va="top", ha="left", fontsize=8, family="monospace")
-    if target is not None:
-        ax.axhline(target, color="C3", ls="--", lw=1, label=f"target {target:g}%")
-    ax.set(xlabel="final train accuracy (%, with augmentation and dropout)", ylabel="final test accuracy (%)",
-           title=f"{NORMS[norm]}: {epochs}-epoch runs on the {own}, train against test")
-    if fallen:
-        ax.set_ylim(bottom=floor - 0.3)
-    ax.grid(alpha=0.3)
-    # below the axes, where it hides no trial and no written accuracy; one column, so that it stays
-    # under the axes and clear of the key on their right
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
-    fig.tight_layout()
-    return _finish(fig, path)
-
-
-def show_augmentations(images, augment, mean, std, seed=0, path=None):
-    """Rows: the originals, then each augmentation on its own at full strength, then the recipe's
-    own mix, all through the same batched code the loader uses."""
-    n = len(images)
-    parts = {"original": Augment(flip=0, crop_pad=0),
-             "flip": Augment(flip=1, crop_pad=0),
-             f"rotate ±{augment.rotate_deg or 10:g}°": Augment(flip=0, crop_pad=0,
-                                                            rotate_deg=augment.rotate_deg or 10, rotate_p=1),
-             f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, crop_pad=augment.crop_pad or 4),
-             **({f"cutout {augment.cutout}": Augment(flip=0, crop_pad=0, cutout=augment.cutout)}
-                if augment.cutout else {}),
-             "recipe": augment}
-    rows = []
-    for name, aug in parts.items():
-        loader = Loader(images, torch.zeros(n, dtype=torch.int64), mean, std, batch_size=n,
-                        augment=aug, seed=seed)
-        rows.append(denormalize(next(iter(loader))[0], mean, std))
-    grid = torch.cat(rows)
-    captions = [name if i == 0 else "" for name in parts for i in range(n)]
-    return show_images(grid, captions=captions, nrows=len(parts), ncols=n, path=path)
-
-
-def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, title=None):
-    """Misclassified uint8 images as a 5x2 grid (5 columns, 2 rows), captioned predicted/true."""
-    captions = [f"pred: {classes[p]}\ntrue: {classes[t]}" for p, t in zip(predicted.tolist(), true.tolist())]
-    return show_images(images, captions=captions, nrows=2, ncols=5, path=path, title=title)
-
-
 def plot_norm_methods(path=None):
     """Which entries of an (N, C, H*W) activation each norm pools its mean and variance over:
     the blue cells share one mean and one variance."""
@@ -1748,10 +1101,11 @@ def plot_norm_methods(path=None):
         ax.voxels(filled, facecolors=colors, edgecolors="#555555", linewidth=0.4)
         ax.set_xlabel("N (samples)")
         ax.set_ylabel("C (channels)")
-        ax.set_zlabel("H, W")
+        ax.set_zlabel("H, W", labelpad=-4)
         ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
         ax.view_init(elev=20, azim=-60)
+        ax.set_box_aspect(None, zoom=0.8)          # room for the axis labels inside the panel
         ax.set_title(name, fontsize=13)
-    fig.suptitle("Blue: the values that share one mean and variance", fontsize=11)
+    fig.suptitle("Blue: the values that share one mean and variance", fontsize=11, y=1.02)
     fig.tight_layout()
     return _finish(fig, path)

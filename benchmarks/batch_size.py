@@ -17,7 +17,6 @@ a cut-off sweep resumes where it stopped.
         --out doc/results/batch-size.jsonl --seed $seed; done
 """
 import argparse
-import json
 import os
 import sys
 from dataclasses import replace
@@ -85,8 +84,7 @@ def main(argv=None):
     data, device = utils.load_cifar10(a.data), utils.pick_device()
     for n, b in todo:
         record = run(data, n, b, a.epochs, a.train_subset, a.seed, device, progress=True)
-        with open(a.out, "a") as out:
-            out.write(json.dumps(record) + "\n")
+        utils.append_jsonl(a.out, record)
         print(n, "batch", b, "->", record["final"], f"({record['seconds']:.0f} s)", flush=True)
 
 

@@ -29,7 +29,6 @@ original ones: a stand-in for one more pass of what made the copy, at the copy's
 """
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -161,8 +160,7 @@ def main():
     moved = f", block grid moved {a.shift} px" if a.shift else ""
     record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {quality}{moved}",
                   jpeg_quality=quality, jpeg_shift=a.shift, mean_abs_change=round(change, 3))
-    with open(a.out, "a") as out:
-        out.write(json.dumps(record) + "\n")
+    utils.append_jsonl(a.out, record)
     print(a.norm, "seed", a.seed, "quality", quality, "shift", a.shift, "->", record["final"],
           f"({time.time() - start:.0f} s)")
 

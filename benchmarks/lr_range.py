@@ -29,7 +29,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="a CIFAR-10 copy for utils.load_cifar10 (default: S8_DATA or the download)")
     parser.add_argument("--out", default="doc/results/lr-range.json")
-    parser.add_argument("--norms", default=",".join(NORMS), help="comma-separated, of " + ", ".join(NORMS))
+    parser.add_argument("--norms", default="bn,ln,gn", help="comma-separated, of " + ", ".join(NORMS))
     # default: utils.lr_range_record's, the notebooks' setting
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr-min", type=float)

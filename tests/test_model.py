@@ -3,11 +3,13 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torchsummary import summary
 
 from model import BUILDS, LayerNorm2d, Net, StdConv2d, count_parameters, receptive_field
 import utils
 
 NORM_TYPES = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d, "gn": nn.GroupNorm}
+NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
@@ -21,55 +23,58 @@ def test_reference_build_parameters_shapes_and_receptive_field(norm):
     assert [r["layer"] for r in rows][-3:] == ["C9", "GAP", "c10"]
     assert next(r for r in rows if r["layer"] == "C9")["rf"] == 44
     assert next(r for r in rows if r["layer"] == "C9")["out"] == 4
+    assert receptive_field(net, input_size=64)[-3]["out"] == 12
 
 
 @pytest.mark.parametrize("build", sorted(BUILDS))
-@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn", "none"])
 def test_every_build_stays_under_50k(build, norm):
-    net = Net(norm, build=build)
+    net = Net(norm, groups=8, build=build)
     assert count_parameters(net) < 50000
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_receptive_field_follows_the_modules():
-    """Padding C8/C9 keeps the 8x8 map; the receptive field is the same, the output size not."""
-    rows = {r["layer"]: r for r in receptive_field(Net("bn", tail_padding=1))}
-    assert rows["C9"]["out"] == 8 and rows["C9"]["rf"] == 44
-    assert receptive_field(Net("bn"), input_size=64)[-3]["out"] == 12
 
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_each_build_holds_only_the_norm_it_claims(norm):
     net = Net(norm, groups=4)
-    norms = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm,
-                                                         nn.InstanceNorm2d))]
+    norms = [m for m in net.modules() if isinstance(m, NORM_LAYERS)]
     assert len(norms) == 10                       # every block but c10
     assert all(type(m) is NORM_TYPES[norm] for m in norms)
-    if norm == "ln":
-        assert all(m.num_groups == 1 for m in norms)
-    if norm == "gn":
-        assert all(m.num_groups == 4 for m in norms)
+    if norm != "bn":
+        assert all(m.num_groups == {"ln": 1, "gn": 4}[norm] for m in norms)
 
 
-def test_skips_only_where_shapes_match():
-    net = Net("bn", build="wide-tail")
-    skipped = [name for name, block in net.layers.named_children() if getattr(block, "skip", False)]
-    assert skipped == ["C4", "C5"]                # the only 32->32 blocks of that build
-    for name in skipped:
-        block = getattr(net.layers, name)
-        assert block.conv.in_channels == block.conv.out_channels and block.conv.padding == (1, 1)
+def test_no_norm_is_the_reference_less_the_norms_affine_parameters():
+    """Net("none"): every norm an identity; it has the reference build's parameters minus 2 per
+    channel of every block, and the optimizer, the by-hand check and torchsummary all take it."""
+    net = Net("none")
+    assert not any(isinstance(m, NORM_LAYERS) for m in net.modules())
+    assert count_parameters(net) == 46064 - 2 * sum(BUILDS["reference"].widths) == 45552
+    recipe = utils.Recipe(build="reference")
+    groups = utils.make_sgd(net, recipe, 0.1).param_groups
+    assert len(groups) == 1 and groups[0]["weight_decay"] == recipe.weight_decay   # nothing to spare
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(utils.norm_by_hand(x, net.layers.C1.norm), net.layers.C1.norm(x))
+    assert summary(net, (3, 32, 32), device="cpu") is None                         # prints, raises nothing
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
 
 
 def test_unknown_norm_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown norm 'batch'.*'bn'.*'ln'.*'gn'"):
+    with pytest.raises(ValueError, match=r"unknown norm 'batch'.*'bn'.*'ln'.*'gn'.*'none'"):
         Net("batch")
+    with pytest.raises(ValueError, match="unknown norm 'batch'.*'bn'"):
+        utils.recipe_for("batch")
 
 
-def test_groups_that_do_not_divide_name_layer_channels_and_choices():
-    with pytest.raises(ValueError, match=r"groups=3 does not divide the 16 channels of layer C1.*\[1, 2, 4, 8, 16\]"):
+def test_groups_that_do_not_divide_suggest_counts_that_divide_every_width():
+    with pytest.raises(ValueError, match=r"groups=3 does not divide.*Choose groups from \[1, 2, 4, 8, 16\]"):
         Net("gn", groups=3)
-    with pytest.raises(ValueError, match=r"groups=12 does not divide the 32 channels of layer C2"):
-        Net("gn", groups=12, widths=(12, 32, 12, 12, 12, 12, 12, 12, 12, 12))
+    # 7 fails at C1 (16 channels); of 16's divisors only 1, 2 and 4 also divide c6's 12
+    widths = (16, 32, 16, 32, 32, 32, 12, 16, 32, 32)
+    with pytest.raises(ValueError, match=r"groups=7 .*Choose groups from \[1, 2, 4\]:") as e:
+        Net("gn", groups=7, widths=widths)
+    for g in eval(str(e.value).split("Choose groups from ")[1].split(":")[0]):
+        Net("gn", groups=g, widths=widths)                  # every suggestion builds
     assert count_parameters(Net("gn", groups=16)) == 46064
 
 
@@ -78,12 +83,19 @@ def test_unknown_build_and_wrong_input():
         Net("bn", build="huge")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         Net("bn")(torch.randn(2, 1, 32, 32))
-    # a fully convolutional net takes other sizes down to the smallest that leaves C9 a pixel, and names the fix below it
-    for build, smallest in (("reference", 20), ("separable-tail", 4)):
-        net = Net("bn", build=build).eval()
-        assert net(torch.randn(2, 3, smallest, smallest)).shape == (2, 10)
-        with pytest.raises(ValueError, match=rf"at least {smallest}x{smallest} pixels.*got {smallest - 1}x32.*Resize"):
-            net(torch.randn(2, 3, smallest - 1, 32))
+    with pytest.raises(ValueError, match=r"at least 20x20.*Resize\(32\)"):
+        Net("bn")(torch.randn(2, 3, 16, 16))
+
+
+def test_recipe_for_differs_between_norms_only_in_norm_and_groups():
+    """The notebooks compare norms: every field of their recipes is the same but the GroupNorm-only
+    group count, which the other norms ignore."""
+    recipes = {n: utils.recipe_for(n) for n in ("bn", "ln", "gn")}
+    assert all(replace(r, groups=0) == replace(recipes["bn"], groups=0) for r in recipes.values())
+    nets = {n: r.make_model(n) for n, r in recipes.items()}
+    assert {n: count_parameters(m) for n, m in nets.items()} == {"bn": 49920, "ln": 49920, "gn": 49920}
+    assert len({tuple(type(m).__name__ for m in net.modules() if not isinstance(m, NORM_LAYERS))
+                for net in nets.values()}) == 1                       # the same layers but the norms
 
 
 def test_separable_blocks_are_depthwise_then_pointwise():
@@ -100,32 +112,16 @@ def test_separable_blocks_are_depthwise_then_pointwise():
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_separable_names_must_be_3x3_blocks():
-    with pytest.raises(ValueError, match=r"separable names \['c3'\].*'C1'"):
-        Net("bn", separable=("c3",))
-
-
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_the_notebooks_separable_build(norm):
-    """The builds the notebooks train (README section 3): 49,920 parameters, RF 44, with the
-    notebooks' GroupNorm group count; all three with the skips (which cost no parameters), LayerNorm's
-    with weight standardization too."""
+    """The build the notebooks train: 49,920 parameters, RF 44, six separable blocks."""
     net = utils.recipe_for(norm).make_model(norm)
-    assert net.build == ("separable-ws-skips" if norm == "ln" else "separable-skips")
-    assert any(isinstance(m, StdConv2d) for m in net.modules()) == (norm == "ln")
+    assert net.build == utils.Recipe().build
     assert count_parameters(net) == 49920
     rows = {r["layer"]: r for r in receptive_field(net)}
     assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
     separable = [n for n, b in net.layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
     assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
-
-
-def test_separable_tail_keeps_the_8x8_stage_at_8x8():
-    net = Net("bn", build="separable-tail")
-    assert count_parameters(net) == count_parameters(Net("bn", build="separable"))
-    rows = {r["layer"]: r for r in receptive_field(net)}
-    assert rows["C9"]["rf"] == 44 and rows["C8"]["out"] == rows["C9"]["out"] == 8
-    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_separable_skips_add_input_where_shapes_match():
@@ -138,77 +134,12 @@ def test_separable_skips_add_input_where_shapes_match():
         assert torch.equal(block(x), x + block.drop(block.relu(block.norm(block.conv(x)))))
 
 
-def test_linear_squeeze_ends_c3_and_c6_at_their_norm():
-    net = Net("bn", build="separable-linear").eval()
-    assert count_parameters(net) == count_parameters(Net("bn", build="separable"))
-    for name, block in net.layers.named_children():
-        if name in ("c3", "c6"):
-            x = torch.randn(2, block.conv.in_channels, 8, 8)
-            with torch.no_grad():
-                out = block(x)
-                assert torch.equal(out, block.norm(block.conv(x)))
-            assert (out < 0).any()                    # nothing clipped the negative half
-        elif hasattr(block, "relu"):
-            assert isinstance(block.relu, nn.ReLU) and isinstance(block.drop, nn.Dropout)
-
-
-def test_depthwise_norm_rectifies_between_depthwise_and_pointwise():
-    net = Net("bn", build="separable-dwnorm").eval()
-    assert count_parameters(net) == 49856 < 50000
-    plain = Net("bn", build="separable").eval()
-    for name, block in net.layers.named_children():
-        if name in ("C3", "C4", "C5", "C7", "C8", "C9"):
-            dw, norm, relu, pw = block.conv
-            assert dw.groups == dw.in_channels == norm.num_features == pw.in_channels
-            assert isinstance(norm, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
-            x = torch.randn(2, dw.in_channels, 8, 8)
-            with torch.no_grad():
-                assert torch.equal(block.conv(x), pw(relu(norm(dw(x)))))
-        elif hasattr(block, "conv"):
-            # the full 3x3 and 1x1 blocks are those of the separable build
-            assert type(block.conv) is type(getattr(plain.layers, name).conv)
-    # the depthwise norm is the network's norm: GroupNorm with the network's groups
-    gn = Net("gn", groups=8, build="separable-dwnorm")
-    assert isinstance(gn.layers.C7.conv[1], nn.GroupNorm) and gn.layers.C7.conv[1].num_groups == 8
-
-
-def test_shuffle_build_mixes_in_two_groups_after_a_channel_shuffle():
-    net = Net("bn", build="separable-shuffle").eval()
-    assert count_parameters(net) == 49416 < 50000
-    assert receptive_field(net)[-3]["rf"] == 44
-    for name in ("C3", "C4", "C5", "C7", "C8", "C9"):
-        dw, shuffle, pw = getattr(net.layers, name).conv
-        assert dw.groups == dw.in_channels and pw.groups == 2 and shuffle.groups == 2
-        assert pw.weight.shape == (pw.out_channels, pw.in_channels // 2, 1, 1)   # half the weights
-    # the shuffle interleaves the two halves, so each group of the 1x1 mix sees channels of both
-    x = torch.arange(8.0).reshape(1, 8, 1, 1)
-    assert net.layers.C8.conv[1](x).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
-    # an output channel of C9's convolution depends on input channels of C8 from both groups:
-    # perturb one channel of each half of C8's input and both change the first output channel.
-    # Only the linear parts (depthwise, shuffle, grouped 1x1) are chained, so no ReLU can zero
-    # the channel and hide the path (a random init once did exactly that).
-    with torch.no_grad():
-        c8, c9 = net.layers.C8.conv, net.layers.C9.conv
-        x = torch.randn(1, 136, 8, 8)
-        base = c9(c8(x))[0, 0]
-        for channel in (0, 135):
-            moved = x.clone()
-            moved[0, channel] += 10
-            assert not torch.allclose(c9(c8(moved))[0, 0], base)
-    assert Net("gn", groups=8, build="separable-shuffle")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_pointwise_groups_must_divide_the_widths():
-    with pytest.raises(ValueError, match=r"pointwise_groups=3 does not divide the 32 -> 80 channels of separable block C3"):
-        Net("bn", build="separable-shuffle", pointwise_groups=3)
-
-
 def test_weight_standardization_standardises_mixing_filters_only():
-    """build="separable-ws": every conv that mixes channels uses its filters at zero mean and unit
+    """build="separable-ws-skips": every conv that mixes channels uses its filters at zero mean and unit
     variance, so scaling and shifting a filter's raw weights changes nothing; the depthwise 3x3
     filters stay plain convs; no parameter is added."""
-    net = Net("gn", groups=8, build="separable-ws")
-    assert count_parameters(net) == count_parameters(Net("gn", groups=8, build="separable")) == 49920
+    net = Net("gn", groups=8, build="separable-ws-skips")
+    assert count_parameters(net) == count_parameters(Net("gn", groups=8, build="separable-skips")) == 49920
     for conv in [net.layers.C1.conv, net.layers.C2.conv, net.layers.c3.conv, net.layers.C4.conv[1]]:
         assert isinstance(conv, StdConv2d)
         inp = torch.randn(2, conv.in_channels, 8, 8)
@@ -224,15 +155,7 @@ def test_weight_standardization_standardises_mixing_filters_only():
         assert torch.allclose(conv(inp), plain, rtol=1e-4, atol=1e-4)
     depthwise = net.layers.C4.conv[0]
     assert type(depthwise) is nn.Conv2d and depthwise.groups == depthwise.in_channels
-    assert type(Net("gn", groups=8, build="separable").layers.C1.conv) is nn.Conv2d
+    assert type(Net("gn", groups=8, build="separable-skips").layers.C1.conv) is nn.Conv2d
     out = net(torch.randn(2, 3, 32, 32))
     out.sum().backward()                                   # the raw weight gets the gradient
     assert net.layers.C1.conv.weight.grad is not None
-
-
-def test_recipe_for_names_the_norms(monkeypatch):
-    monkeypatch.setattr(utils, "NORM_RECIPES", {"ln": dict(lr=0.1)})
-    assert utils.recipe_for("bn") == utils.Recipe()                     # no entry: the common recipe
-    assert utils.recipe_for("ln") == replace(utils.Recipe(), lr=0.1)    # its entry on top
-    with pytest.raises(ValueError, match="unknown norm 'batch'.*'bn'"):
-        utils.recipe_for("batch")
