@@ -20,9 +20,10 @@ import tempfile
 import time
 import urllib.error
 import zlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,15 +38,12 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 IMAGE_SHAPE = (3, 32, 32)
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}     # CIFAR-10's, 5,000 and 1,000 per class
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
-HISTORY_TAG = "trials-final"  # the git tag whose code ran the tuning trials (doc/tuning.md)
 HOW_TO_PROVIDE = (
     f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
     f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', "
     f"(2) an ImageFolder folder with train/<class>/*.jpg and test/<class>/*.jpg, or (3) a .tar or "
     f".tar.gz of that ImageFolder layout.")
 
-
-# ----------------------------------------------------------------------------- data
 
 @dataclass
 class CIFAR10:
@@ -57,22 +55,15 @@ class CIFAR10:
     classes: tuple
     source: str     # where it came from, for reports
 
-    def __repr__(self):
-        return (f"CIFAR10(train={tuple(self.train_images.shape)}, test={tuple(self.test_images.shape)}, "
-                f"dtype={self.train_images.dtype}, classes={len(self.classes)}, source={self.source!r})")
-
 
 def load_cifar10(source=None, data_dir="data", full=True):
     """Load CIFAR-10 as uint8 tensors, decoding at most once.
 
-    source: None -> $S8_DATA if set, else torchvision's download into `data_dir`;
-            a folder (torchvision's pickles, or ImageFolder layout); or a .tar/.tar.gz
-            of the ImageFolder layout. Decoded tensors are cached under `data_dir/cache`,
-            keyed by the path, size and modification time of every file the loader reads,
-            so a changed copy is decoded again; nothing is written beside `source`.
-    full:   check that the set has CIFAR-10's 50,000 + 10,000 images, 5,000 and 1,000 per
-            class; False loads a deliberately smaller copy (tests).
-    """
+    source: None -> $S8_DATA if set, else torchvision's download into `data_dir`; a folder
+    (torchvision's pickles, or train/<class>/ and test/<class>/ image files); or a .tar/.tar.gz of
+    the latter. Decoded tensors are cached in `data_dir/cache`, keyed by the path, size and mtime of
+    every file the loader reads. full: check for 50,000 + 10,000 images, 5,000 and 1,000 per class
+    (False loads a deliberately smaller copy)."""
     source = source if source is not None else os.environ.get(DATA_ENV) or None
     data_dir = Path(data_dir)
     if source is None:
@@ -124,9 +115,8 @@ def _download(data_dir):
 
 
 def _fingerprint(path):
-    """Identifies a source by the path, size and modification time of every file in it (cheap:
-    one stat per file, no hashing of data), so that adding, removing or rewriting any file
-    changes it."""
+    """A source's identity: the path, size and mtime of every file in it (one stat per file, no
+    hashing), so that adding, removing or rewriting any file changes it."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:"
@@ -264,10 +254,8 @@ def subset(images, labels, n, seed=0):
 
 
 def channel_mean_std(images):
-    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1].
-
-    Counts every pixel value with a histogram per channel, so the result is the statistic over
-    all pixels of the split, not an average of per-batch statistics, and needs no float copy."""
+    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]:
+    from a histogram of every pixel value, not an average of per-batch statistics."""
     if images.dtype != torch.uint8:
         raise TypeError(f"channel_mean_std expects uint8 images, got {images.dtype}")
     values = torch.arange(256, dtype=torch.float64) / 255
@@ -293,11 +281,9 @@ def class_sample(labels, per_class=1, seed=0):
 
 @dataclass
 class Augment:
-    """Batched augmentation on normalised float tensors; each part can be switched off.
-
-    flip: probability of a horizontal flip; crop_pad: random crop after padding by this many
-    pixels (an integer shift in [-pad, pad], zero fill); rotate_deg/rotate_p: rotate by an angle
-    uniform in [-deg, deg] with probability p."""
+    """Batched augmentation on normalised float tensors: a horizontal flip with probability `flip`,
+    a random crop after zero padding by `crop_pad`, a rotation uniform in [-rotate_deg, rotate_deg]
+    with probability `rotate_p`; 0 switches a part off."""
     flip: float = 0.5
     crop_pad: int = 0
     rotate_deg: float = 10.0
@@ -341,7 +327,6 @@ def translate(x, shift, pad):
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
-
 def rotate(x, degrees):
     """Rotate image i by degrees[i] about its centre (bilinear, zero fill), all in one call."""
     theta = torch.deg2rad(degrees.to(x.dtype))
@@ -352,11 +337,8 @@ def rotate(x, degrees):
 
 
 class Loader:
-    """Batches from one normalised float tensor that lives on `device`.
-
-    Conversion to float and normalisation happen once, here. Each epoch then shuffles with a
-    seeded generator and augments batch by batch with a few tensor ops: no PIL, no workers,
-    no per-image Python loop. len() is the number of batches (782 for 50,000 at 64)."""
+    """Batches from one normalised float tensor on `device`: each epoch shuffles with a seeded
+    generator and augments batch by batch with tensor ops (no PIL, no workers, no per-image loop)."""
 
     def __init__(self, images, labels, mean, std, batch_size=128, shuffle=False, augment=None,
                  seed=0, device="cpu", channels_last=False):
@@ -392,8 +374,6 @@ class Loader:
                 x = self.augment.apply(x, *(t[start:start + bs] for t in choices))
             yield x, y
 
-
-# ----------------------------------------------------------------------------- training
 
 @dataclass
 class Recipe:
@@ -492,11 +472,9 @@ def first_conv(model):
 
 @torch.no_grad()
 def whiten_init(conv, images, n=2000, eps=5e-4):
-    """Start a conv's filters as a whitening of its input patches (Jordan's cifar10-airbench): for the
-    leading eigenvectors e_i of the covariance of the k x k patches of n of `images` (normalised, N,3,H,W),
-    filter pairs +e_i/sqrt(lambda_i) and -e_i/sqrt(lambda_i), so that the layer starts out passing the
-    images' strongest patterns, decorrelated and at equal scale, and the ReLU after it keeps both
-    signs. Filters beyond 2 x the 3*k*k patch dimensions keep their random init."""
+    """Start a conv's filters as a whitening of its input patches (cifar10-airbench): for the leading
+    eigenvectors e_i of the covariance of k x k patches of n `images`, filter pairs +-e_i/sqrt(lambda_i),
+    so C1 starts out passing the images' strongest patterns, decorrelated and at equal scale."""
     if conv.groups != 1 or conv.in_channels != images.shape[1]:
         raise ValueError(f"whiten_init needs a full conv over the {images.shape[1]} image channels, "
                          f"got {conv}")
@@ -582,14 +560,10 @@ def evaluate(model, loader):
 
 
 def fit(model, train_loader, test_loader, recipe, progress=True):
-    """Train for recipe.epochs with one tqdm bar over the epochs and one line per epoch.
-
-    Returns the history: a list of dicts with epoch, train/test loss and accuracy (%), the
-    learning rate at the end of the epoch, and the seconds the epoch took (training + test).
-    Train accuracy is the running figure over the epoch's augmented batches, dropout on.
-    With recipe.whiten_c1 the model's first conv is first set by whiten_init from the train images;
-    with recipe.ema the model takes the moving average of its weights (and BatchNorm's statistics)
-    before the last test, so the last epoch's test figures are the average's."""
+    """Train for recipe.epochs with one tqdm bar and one printed line per epoch; returns the history
+    (per epoch: train/test loss and accuracy %, the lr at its end, its seconds). Train accuracy is the
+    running figure over augmented batches. With recipe.whiten_c1, C1 starts whitened; with recipe.ema,
+    the last test is of the moving average of the weights (and BatchNorm's statistics)."""
     if recipe.whiten_c1:
         whiten_init(first_conv(model), train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
@@ -621,28 +595,12 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     return history
 
 
-def fit_record(model, train_loader, test_loader, recipe, progress=False):
-    """`fit`, timed, returned as the fields every benchmark record of a training run holds: the model's
-    parameters, its final and best test accuracy, its final train accuracy, the seconds and device it
-    took, and the history (the benchmarks add what they varied)."""
-    start = time.time()
-    history = fit(model, train_loader, test_loader, recipe, progress=progress)
-    return dict(params=count_parameters(model), final=history[-1]["test_acc"],
-                best=max(h["test_acc"] for h in history), train_final=history[-1]["train_acc"],
-                seconds=round(time.time() - start, 1), device=device_name(next(model.parameters()).device),
-                history=history)
-
-
 def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, stop_factor=4.0,
                   smoothing=0.98, progress=True):
-    """Leslie Smith's learning-rate range test: train model (its weights change: pass a fresh one)
-    with the recipe's SGD for up to `steps` batches of loader, the lr growing geometrically from
-    lr_min to lr_max (torch's ExponentialLR), and record each step's training loss. It stops once
-    the smoothed loss exceeds stop_factor x its minimum: the lr has grown past what the net can take.
-
-    Returns dict(lr, loss, smoothed) per step, and two readings of the curve: lr_at_min, where the
-    smoothed loss is lowest, and lr_steepest, where it falls fastest per decade of lr. A one-cycle
-    peak is usually chosen between the two: high enough to move fast, short of the lowest point."""
+    """Leslie Smith's learning-rate range test: train `model` (pass a fresh one) with the recipe's SGD
+    for up to `steps` batches, the lr growing geometrically from lr_min to lr_max, recording each
+    step's loss; stop once the smoothed loss exceeds stop_factor x its minimum. Returns the curve and
+    lr_at_min (lowest smoothed loss) and lr_steepest (fastest fall per decade of lr)."""
     if not 0 < lr_min < lr_max:
         raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
     if steps < 3:
@@ -675,9 +633,8 @@ def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, st
 
 
 def read_lr_range(lrs, smoothed, span):
-    """(lr of the lowest smoothed loss, lr of its steepest fall per unit of log10(lr) before that).
-    The first `span` steps, which a moving average of that span has not yet settled over, are left out
-    of the slope (at most half the steps before the minimum)."""
+    """(lr of the lowest smoothed loss, lr of its steepest fall per decade of lr before that), leaving
+    out the first `span` steps, over which the moving average has not settled."""
     finite = np.nan_to_num(np.array(smoothed, dtype=float), nan=np.inf)
     at_min = int(np.argmin(finite))
     skip = min(span, at_min // 2)
@@ -689,11 +646,9 @@ def read_lr_range(lrs, smoothed, span):
 
 def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, lr_max=10.0,
                     train_subset=None, progress=True):
-    """lr_range_test of a fresh network of `recipe` and `norm`, seeded with `seed`, on its own train
-    loader (a notebook's loaders and torch's random state are left as they were, so its training run
-    is the same with or without this test). A recipe with whiten_c1 starts from the whitened C1, as
-    fit does. Returns the test's result with what it ran: the record
-    that benchmarks/lr_range.py writes and plot_lr_range / lr_range_table read."""
+    """lr_range_test of a fresh, seeded network of `recipe` and `norm` on its own train loader, leaving
+    torch's random state as it was (a notebook's training is the same with or without it); returns
+    the result with what it ran, as benchmarks/lr_range.py writes it."""
     train_loader, _ = make_loaders(data, recipe, device, seed=seed, train_subset=train_subset, test_subset=1)
     start = time.perf_counter()
     # the init and dropout draw from torch's generators (CPU, and CUDA where that is the device)
@@ -712,10 +667,8 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
 
 def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
                  channels_last=True, test_batch_size=None):
-    """Train and test loaders as every notebook and script uses them. Mean and std come from
-    the (possibly subset) training images; only the train loader shuffles and augments. The test
-    loader takes recipe.batch_size unless `test_batch_size` names another (evaluation gives the same
-    numbers at any batch size: BatchNorm tests with its running statistics)."""
+    """Train and test loaders as every notebook and script uses them: mean and std of the (subset)
+    training images; only the train loader shuffles and augments."""
     train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
     test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
     mean, std = channel_mean_std(train_x)
@@ -735,9 +688,8 @@ def unaugmented(loader):
 
 
 def misclassified(model, loader, n=10):
-    """Indices (into loader's images), predicted and true labels of n test images the model
-    gets wrong, taken in turn from each true class (a data set stored class by class would
-    otherwise show n errors of its first class)."""
+    """Indices, predicted and true labels of n test images the model gets wrong, one per true class
+    in turn (a data set stored class by class would otherwise show errors of its first class)."""
     if loader.shuffle:
         raise ValueError("misclassified needs a loader that does not shuffle, so that indices "
                          "point at its images: pass the test loader")
@@ -753,46 +705,37 @@ def misclassified(model, loader, n=10):
 
 
 def norm_by_hand(x, layer):
-    """A norm layer's output recomputed from plain tensor ops: the mean and (biased) variance
-    over the layer's axes, then its per-channel scale and shift. BatchNorm in eval mode uses
-    its running statistics instead of the batch's."""
+    """A norm layer's output from plain tensor ops: mean and (biased) variance over the layer's axes,
+    then its per-channel scale and shift (BatchNorm in eval mode: its running statistics)."""
     if isinstance(layer, torch.nn.BatchNorm2d):
         if layer.training:                                   # over (N, H, W), per channel
-            mean = x.mean(dim=(0, 2, 3), keepdim=True)
-            var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, unbiased=False)
         else:
-            mean = layer.running_mean.view(1, -1, 1, 1)
-            var = layer.running_var.view(1, -1, 1, 1)
+            mean, var = layer.running_mean.view(1, -1, 1, 1), layer.running_var.view(1, -1, 1, 1)
         x_hat = (x - mean) / torch.sqrt(var + layer.eps)
     elif isinstance(layer, torch.nn.Identity):              # Net("none"): nothing to normalise
         return x
     elif isinstance(layer, torch.nn.GroupNorm):              # LayerNorm2d is GroupNorm(1, C)
         groups = x.reshape(x.shape[0], layer.num_groups, -1)  # (N, G, C/G * H * W)
-        mean = groups.mean(dim=-1, keepdim=True)
-        var = groups.var(dim=-1, keepdim=True, unbiased=False)
+        var, mean = torch.var_mean(groups, dim=-1, keepdim=True, unbiased=False)
         x_hat = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
     else:
         raise TypeError(f"norm_by_hand knows BatchNorm2d and GroupNorm, not {type(layer).__name__}")
     return x_hat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
 
 
-# ----------------------------------------------------------------------------- through depth
-
 def depth_stats(model, x, y):
-    """Per 3x3 block (C1 ... C9) on one batch: the standard deviation of the block's output
-    (a forward hook) and the norm of the loss's gradient with respect to the block's conv
-    weights (hooks on those weights, run when their gradient is accumulated). One forward and
-    backward pass in train mode, no optimizer step; BatchNorm's running statistics move by one
-    batch, as in a training step. The model's gradients are cleared afterwards."""
-    blocks = {name: getattr(model.layers, name) for name in SPATIAL_BLOCKS}
-    act_std, grad_sq = {}, {name: 0.0 for name in blocks}
-    handles = []
-    for name, block in blocks.items():
+    """Per 3x3 block (C1 ... C9) on one batch: the std of the block's output (a forward hook) and the
+    norm of the loss's gradient for the block's conv weights (hooks run as each gradient is
+    accumulated). One forward and backward pass in train mode, no step; gradients are cleared."""
+    act_std, grad_sq, handles = {}, dict.fromkeys(SPATIAL_BLOCKS, 0.0), []
+    for name in SPATIAL_BLOCKS:
+        block = getattr(model.layers, name)
         handles.append(block.register_forward_hook(
             lambda _m, _inp, out, name=name: act_std.__setitem__(name, out.detach().float().std().item())))
-        for p in block.conv.parameters():
-            handles.append(p.register_post_accumulate_grad_hook(
-                lambda p, name=name: grad_sq.__setitem__(name, grad_sq[name] + p.grad.float().pow(2).sum().item())))
+        handles += [p.register_post_accumulate_grad_hook(
+            lambda p, name=name: grad_sq.__setitem__(name, grad_sq[name] + p.grad.float().pow(2).sum().item()))
+            for p in block.conv.parameters()]
     model.train()
     model.zero_grad(set_to_none=True)
     try:
@@ -802,11 +745,9 @@ def depth_stats(model, x, y):
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
-    return dict(blocks=list(blocks), act_std=[act_std[n] for n in blocks],
-                grad_norm=[math.sqrt(grad_sq[n]) for n in blocks], loss=loss.item())
+    return dict(blocks=list(SPATIAL_BLOCKS), act_std=[act_std[n] for n in SPATIAL_BLOCKS],
+                grad_norm=[math.sqrt(grad_sq[n]) for n in SPATIAL_BLOCKS], loss=loss.item())
 
-
-# ----------------------------------------------------------------------------- results files
 
 def _atomic_write(path, write, binary=False):
     """Write a file whole or not at all: into a temporary file beside it, then rename. The file
@@ -839,63 +780,8 @@ def save_json(path, obj, indent=1):
     return obj
 
 
-def load_results(path):
-    with open(path) as f:
-        record = json.load(f)
-    missing = {"norm", "params", "device", "data", "seed", "history"} - set(record)
-    if missing:
-        raise ValueError(f"{path}: results file lacks {sorted(missing)}")
-    return record
-
-
-def append_jsonl(path, record):
-    """Add one record as a line of a .jsonl results file: the file is rewritten whole, so a run
-    killed mid-write leaves the old file or the new one."""
-    path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    _atomic_write(path, lambda f: f.write(old + (json.dumps(record) + "\n").encode()), binary=True)
-
-
-def read_jsonl(path):
-    """The records of a .jsonl results file, one per line; none when the file does not exist yet."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {i}: not a whole JSON record ({e}); a write was cut off? "
-                                 f"Delete that line and run what it recorded again.") from None
-    return records
-
-
 def recipe_dict(recipe):
     return asdict(recipe)
-
-
-def recipe_from_dict(record):
-    """The Recipe that recipe_dict wrote. A record of a switch this code no longer has is refused,
-    unless the switch was off; that code is at the git tag HISTORY_TAG."""
-    record = dict(record)
-    augment = dict(record.pop("augment"))
-    for cls, values in ((Recipe, record), (Augment, augment)):
-        known = {f.name for f in fields(cls)}
-        for name in [n for n in values if n not in known]:
-            value = values.pop(name)
-            if value not in REMOVED_SWITCH_OFF.get(name, ()):
-                raise ValueError(f"the record sets {name}={value!r}, a switch this code no longer has: "
-                                 f"check out the git tag {HISTORY_TAG!r} to train it")
-    return Recipe(**record, augment=Augment(**augment))
-
-
-# What the switches that were measured and dropped (doc/tuning.md) read when they were off.
-REMOVED_SWITCH_OFF = {"decay_depthwise": (True,), "train_norm_scale": (True,), "sam_rho": (0.0,),
-                      "anneal": ("linear",), "precise_bn": (False,), "flip_alternate": (False,), "cutout": (0,)}
 
 
 def summarize(history):
@@ -915,13 +801,6 @@ def figure_dir(quick):
     return folder
 
 
-# ----------------------------------------------------------------------------- plots
-
-def _plt():
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _finish(fig, path):
     """Save with a fixed dpi and no software stamp, so reruns give the same bytes; whole or not at all."""
     if path is not None:
@@ -933,7 +812,6 @@ def _finish(fig, path):
 def show_images(images, labels=None, classes=CLASSES, captions=None, nrows=4, ncols=8, path=None,
                 title=None):
     """A grid of uint8 images (N, 3, H, W), captioned by class name, or by `captions` if given."""
-    plt = _plt()
     lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions is not None else 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, (1.3 + 0.2 * lines) * nrows + (0.4 if title else 0)))
     for i, ax in enumerate(np.ravel(axes)):
@@ -961,7 +839,6 @@ def denormalize(x, mean, std):
 def plot_history(history, title="", averaged_last=False, path=None):
     """Loss and accuracy per epoch, train and test side by side; averaged_last marks the last test
     point as the weight average's (Recipe.ema)."""
-    plt = _plt()
     from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -982,31 +859,9 @@ def plot_history(history, title="", averaged_last=False, path=None):
     return _finish(fig, path)
 
 
-def plot_comparison(histories, path=None):
-    """Several runs' test accuracy and train loss on shared axes: histories = {label: history}."""
-    plt = _plt()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        line, = ax_acc.plot(epochs, [h["test_acc"] for h in history], "-o", ms=3, label=f"{label} test")
-        ax_acc.plot(epochs, [h["train_acc"] for h in history], ":", color=line.get_color(),
-                    label=f"{label} train")
-        ax_loss.plot(epochs, [h["test_loss"] for h in history], "-o", ms=3, color=line.get_color(),
-                     label=f"{label} test")
-    ax_loss.set(xlabel="epoch", ylabel="test loss", title="test loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (solid: test, dotted: train)")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _finish(fig, path)
-
-
 def plot_depth(record, path=None):
-    """Two panels from benchmarks/why_normalise.py's record: each 3x3 block's output scale and the
-    norm of its weights' gradient, a line per norm (mean over seeds), dashed at initialisation and
-    solid after the short training; log scale."""
-    plt = _plt()
+    """Two panels from benchmarks/why_normalise.py's record: each 3x3 block's output std and weight
+    gradient norm, a line per norm (mean over seeds), dashed at initialisation, solid trained; log scale."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for (key, label), ax in zip((("act_std", "std of the block's output"),
                                  ("grad_norm", "gradient norm of the block's conv weights")), axes):
@@ -1029,8 +884,7 @@ def plot_depth(record, path=None):
 
 
 def show_augmentations(images, augment, mean, std, seed=0, path=None):
-    """Rows: the originals, then each augmentation on its own at full strength, then the recipe's
-    own mix, all through the same batched code the loader uses."""
+    """Rows: the originals, each augmentation alone at full strength, then the recipe's own mix."""
     n = len(images)
     parts = {"original": Augment(flip=0, rotate_p=0),
              "flip": Augment(flip=1, rotate_p=0),
@@ -1055,10 +909,8 @@ def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, titl
 
 
 def plot_lr_range(records, path=None):
-    """Learning-rate range tests (records as benchmarks/lr_range.py writes them, one per norm): each
-    norm's smoothed training loss against the lr (log scale, raw loss faint), its steepest fall
-    (triangle) and lowest point (circle), and the peak lr its recipe trains with (dashed)."""
-    plt = _plt()
+    """Learning-rate range tests, one per norm: smoothed loss against the lr (log scale), its steepest
+    fall (triangle) and lowest point (circle), and the recipe's peak lr (dashed)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in records:
         line, = ax.plot(r["lr"], r["smoothed"], label=NORMS[r["norm"]])
@@ -1081,9 +933,7 @@ def plot_lr_range(records, path=None):
 
 
 def plot_norm_methods(path=None):
-    """Which entries of an (N, C, H*W) activation each norm pools its mean and variance over:
-    the blue cells share one mean and one variance."""
-    plt = _plt()
+    """Which entries of an (N, C, H*W) activation each norm pools one mean and variance over."""
     n, c, hw, groups = 4, 6, 4, 3
     chosen = {
         "BatchNorm": lambda i, j: j == 0,                        # one channel, all samples
@@ -1093,16 +943,12 @@ def plot_norm_methods(path=None):
     fig = plt.figure(figsize=(12, 4.2))
     for k, (name, picks) in enumerate(chosen.items()):
         ax = fig.add_subplot(1, 3, k + 1, projection="3d")
-        filled = np.ones((n, c, hw), dtype=bool)
-        colors = np.empty(filled.shape, dtype=object)
-        for i in range(n):
-            for j in range(c):
-                colors[i, j, :] = "#4a90d9" if picks(i, j) else "#eeeeee"
-        ax.voxels(filled, facecolors=colors, edgecolors="#555555", linewidth=0.4)
-        ax.set_xlabel("N (samples)")
-        ax.set_ylabel("C (channels)")
+        colors = np.empty((n, c, hw), dtype=object)
+        for i, j in itertools.product(range(n), range(c)):
+            colors[i, j, :] = "#4a90d9" if picks(i, j) else "#eeeeee"
+        ax.voxels(np.ones((n, c, hw), dtype=bool), facecolors=colors, edgecolors="#555555", linewidth=0.4)
+        ax.set(xlabel="N (samples)", ylabel="C (channels)", xticks=[], yticks=[], zticks=[])
         ax.set_zlabel("H, W", labelpad=-4)
-        ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
         ax.view_init(elev=20, azim=-60)
         ax.set_box_aspect(None, zoom=0.8)          # room for the axis labels inside the panel
         ax.set_title(name, fontsize=13)

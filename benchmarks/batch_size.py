@@ -24,6 +24,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
+import records  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def run(data, norm, batch_size, epochs, train_subset, seed, device, progress=Fal
                                      test_batch_size=500)
     return dict(norm=norm, batch_size=batch_size, base_batch=base, seed=seed, epochs=epochs,
                 train_subset=train_subset, lr=recipe.lr, data=data.source, recipe=utils.recipe_dict(recipe),
-                **utils.fit_record(model, train, test, recipe, progress=progress))
+                **records.fit_record(model, train, test, recipe, progress=progress))
 
 
 def main(argv=None):
@@ -72,7 +73,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(f"--batches {a.batches!r}: {e}")
     done = {(r["norm"], r["batch_size"], r["seed"], r["epochs"], r["train_subset"])
-            for r in utils.read_jsonl(a.out)}
+            for r in records.read_jsonl(a.out)}
     todo = [(n, b) for b in batches for n in norms
             if (n, b, a.seed, a.epochs, a.train_subset) not in done]
     for n, b in todo:
@@ -84,7 +85,7 @@ def main(argv=None):
     data, device = utils.load_cifar10(a.data), utils.pick_device()
     for n, b in todo:
         record = run(data, n, b, a.epochs, a.train_subset, a.seed, device, progress=True)
-        utils.append_jsonl(a.out, record)
+        records.append_jsonl(a.out, record)
         print(n, "batch", b, "->", record["final"], f"({record['seconds']:.0f} s)", flush=True)
 
 

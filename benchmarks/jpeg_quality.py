@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import records  # noqa: E402
 import utils  # noqa: E402
 from sweep import notebook_runs, run_one  # noqa: E402
 
@@ -160,7 +161,7 @@ def main():
     moved = f", block grid moved {a.shift} px" if a.shift else ""
     record.update(data=f"{Path(a.data).name} re-encoded at JPEG quality {quality}{moved}",
                   jpeg_quality=quality, jpeg_shift=a.shift, mean_abs_change=round(change, 3))
-    utils.append_jsonl(a.out, record)
+    records.append_jsonl(a.out, record)
     print(a.norm, "seed", a.seed, "quality", quality, "shift", a.shift, "->", record["final"],
           f"({time.time() - start:.0f} s)")
 

@@ -19,6 +19,7 @@ from multiprocessing import get_context
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
+import records  # noqa: E402
 import utils  # noqa: E402
 
 AUGMENT_FIELDS = tuple(f.name for f in fields(utils.Augment))
@@ -62,13 +63,13 @@ def run_one(spec, data_path, device, threads=1, smoke=False, progress=False):
     torch.set_num_threads(threads)
     data = utils.load_cifar10(data_path)
     utils.set_seed(spec["seed"])
-    recipe = utils.recipe_from_dict(spec["notebook_recipe"])
+    recipe = records.recipe_from_dict(spec["notebook_recipe"])
     model = recipe.make_model(spec["norm"]).to(device)
     subsets = {}
     if smoke:
         recipe, subsets = replace(recipe, epochs=1), dict(train_subset=512, test_subset=512)
     train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"], **subsets)
-    return dict(spec, data=data.source, **utils.fit_record(model, train, test, recipe, progress=progress))
+    return dict(spec, data=data.source, **records.fit_record(model, train, test, recipe, progress=progress))
 
 
 def worker(args):
@@ -108,7 +109,7 @@ def main(argv=None):
         threads = max(1, (os.cpu_count() or 1) // a.workers)
         progress = a.workers == 1       # several workers' epoch lines would interleave
         for r in pool.imap_unordered(worker, [(s, a.data, threads, a.smoke, progress) for s in specs]):
-            utils.append_jsonl(a.out, r)
+            records.append_jsonl(a.out, r)
             print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"), flush=True)
 
 

@@ -1,8 +1,7 @@
 import dataclasses
 import json
 import os
-import statistics
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -1,0 +1,379 @@
+"""The report: fills the generated blocks of README.md from the results files, and draws its
+figures. Every number the README shows comes from here.
+
+    python benchmarks/report.py            # rewrite README.md's blocks and the figures
+    python benchmarks/report.py --check    # only compare: exit 1 and name the first stale block
+
+Blocks are marked in the Markdown as <!-- NAME:start --> ... <!-- NAME:end -->.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import records  # noqa: E402
+import utils  # noqa: E402
+from model import NORMS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_NORMS = ("bn", "ln", "gn")
+DOCS = ("README.md", "doc/tuning.md")     # the Markdown files that hold generated blocks
+
+
+def machine(record):
+    """"GPU" or "CPU" for a run's or a notebook record's device."""
+    device = record.get("device", "")
+    return "GPU" if device.startswith(("NVIDIA", "cuda")) else "CPU" if device.startswith("CPU") else "?"
+
+
+def spread(values):
+    """'mean ± std' of several finals (sample std), or '-' for one."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%" if len(values) > 1 else "-"
+
+
+def seed_runs(record, runs, name="notebook"):
+    """{seed: final test accuracy} of a notebook record (seed 1) and the sweep runs of exactly its recipe
+    on its kind of machine."""
+    accs = {record["seed"]: record["history"][-1]["test_acc"]}
+    for x in runs:
+        if (x.get("name") == name and x["norm"] == record["norm"] and "final" in x and x["seed"] not in accs
+                and machine(x) == machine(record) and x["notebook_recipe"] == record["recipe"]):
+            accs[x["seed"]] = x["final"]
+    return accs
+
+
+def headline_table(notebooks, runs):
+    """Per notebook: build, parameters, the epoch it first reached 70%, final test accuracy, the 3-seed mean;
+    then the assignment's network trained with the same recipe (sweep runs named "reference")."""
+    rows = ["| notebook | build | parameters | first epoch ≥ 70% | final test acc | mean ± std, seeds 1-3 | "
+            "measured on |", "|---|---|---|---|---|---|---|"]
+    for r in notebooks:
+        s, accs = utils.summarize(r["history"]), seed_runs(r, runs)
+        name = f"S8_{NORMS[r['norm']]}.ipynb"
+        rows.append(f"| [{name}]({name}) | {r['build']} | {r['params']:,} | {s['first_epoch_70'] or 'never'} | "
+                    f"**{s['final_test_acc']:.2f}%** | {spread([accs[k] for k in sorted(accs)])} | {r['device']} |")
+    for r in notebooks:
+        ref_recipe = dict(r["recipe"], build="reference")
+        ref = [x for x in runs if x.get("name") == "reference" and x["norm"] == r["norm"]
+               and x["notebook_recipe"] == ref_recipe and machine(x) == machine(r)]
+        for x in sorted(ref, key=lambda x: x["seed"])[:1]:
+            s = utils.summarize(x["history"])
+            finals = [y["final"] for y in ref]
+            rows.append(f"| {NORMS[r['norm']]}, the assignment's network | reference | {x['params']:,} | "
+                        f"{s['first_epoch_70'] or 'never'} | **{x['final']:.2f}%** | "
+                        f"{spread(finals) if len(finals) > 1 else 'seed 1 only'} | {x['device']} |")
+    return "\n".join(rows)
+
+
+def candidates_table(candidates, runs):
+    """The shared recipe's choice: each candidate's 3-seed mean per norm and over the three norms.
+    candidates: {label: [notebook record per norm]}."""
+    rows = ["| candidate recipe | " + " | ".join(NORMS[n] for n in NOTEBOOK_NORMS) + " | mean of the three |",
+            "|---|" + "---|" * (len(NOTEBOOK_NORMS) + 1)]
+    for label, recs in candidates.items():
+        means = []
+        cells = []
+        for r in recs:
+            accs = seed_runs(r, runs)
+            means.append(np.mean(list(accs.values())))
+            cells.append(f"{spread([accs[k] for k in sorted(accs)])} ({len(accs)} seeds)")
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | **{np.mean(means):.2f}%** |")
+    return "\n".join(rows)
+
+
+def reference_table(runs):
+    """The assignment's network, seed 1, with each candidate's settings (whitened C1 or not)."""
+    rows = ["| whitened C1 | " + " | ".join(NORMS[n] for n in NOTEBOOK_NORMS) + " |",
+            "|---|" + "---|" * len(NOTEBOOK_NORMS)]
+    for whiten in (True, False):
+        cells = []
+        for n in NOTEBOOK_NORMS:
+            finals = [x["final"] for x in runs if x.get("name") == "reference" and x["norm"] == n and x["seed"] == 1
+                      and x["notebook_recipe"]["whiten_c1"] is whiten]
+            cells.append(f"{finals[0]:.2f}%" if finals else "not run")
+        rows.append(f"| {'yes' if whiten else 'no'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def why_table(why):
+    """The no-norm study: per norm and lr, the short runs' final test accuracy and the output std of the
+    last block (C9) and gradient norm of the first (C1), at initialisation and trained (means over seeds)."""
+    rows = [f"| norm | peak lr | test acc after {why['epochs']} epochs | C9 output std, init → trained | "
+            "C1 gradient norm, init → trained |", "|---|---|---|---|---|"]
+    for norm in why["norms"]:
+        for lr in sorted({r["lr"] for r in why["runs"] if r["norm"] == norm}, reverse=True):
+            rs = [r for r in why["runs"] if r["norm"] == norm and r["lr"] == lr]
+            mean = lambda when, key, i: float(np.mean([r[when][key][i] for r in rs]))  # noqa: E731
+            rows.append(f"| {NORMS[norm]} | {lr:g} | {spread([r['final'] for r in rs])} ({len(rs)} seeds) | "
+                        f"{mean('init', 'act_std', -1):.2g} → {mean('trained', 'act_std', -1):.2g} | "
+                        f"{mean('init', 'grad_norm', 0):.2g} → {mean('trained', 'grad_norm', 0):.2g} |")
+    return "\n".join(rows)
+
+
+def base_batch(run):
+    """The batch a benchmarks/batch_size.py run scaled its lr from (the notebooks' batch when it ran). Runs from
+    before the record carried it all scaled from 64, the notebooks' batch then."""
+    return run.get("base_batch", 64)
+
+
+def _batch_sweeps(runs):
+    """benchmarks/batch_size.py records grouped by the sweep they belong to (everything but norm, batch and
+    seed the same: epochs, training images, machine, data, the batch the lr scales from), in the order they
+    first appear."""
+    sweeps = {}
+    for r in runs:
+        sweeps.setdefault((r["epochs"], r["train_subset"], machine(r), r["data"], base_batch(r)), []).append(r)
+    return list(sweeps.values())
+
+
+def batch_size_means(sweep):
+    """{(norm, batch): dict(final, train_final: means over the sweep's seeds of that cell, std: of the finals,
+    seeds)} for one sweep of _batch_sweeps."""
+    cells = {}
+    for r in sweep:
+        cells.setdefault((r["norm"], r["batch_size"]), []).append(r)
+    return {key: dict(final=float(np.mean([r["final"] for r in rs])),
+                      train_final=float(np.mean([r["train_final"] for r in rs])),
+                      std=float(np.std([r["final"] for r in rs], ddof=1)) if len(rs) > 1 else None,
+                      seeds=sorted(r["seed"] for r in rs))
+            for key, rs in cells.items()}
+
+
+def batch_size_table(runs):
+    """One table per batch-size sweep (benchmarks/batch_size.py): a row per batch size, each norm's final
+    test accuracy (the mean over the sweep's seeds, ± their standard deviation) and final train accuracy,
+    led by a line that says what every run of it trained on."""
+    blocks = []
+    for sweep in _batch_sweeps(runs):
+        first, means = sweep[0], batch_size_means(sweep)
+        norms = [n for n in NORMS if any(r["norm"] == n for r in sweep)]
+        seeds = sorted({r["seed"] for r in sweep})
+        pooled = (f"seeds {', '.join(map(str, seeds))} (each cell the mean over them, ± their standard deviation)"
+                  if len(seeds) > 1 else f"seed {seeds[0]}")
+        rows = [f"Measured on {first['device']}, data `{first['data']}`, {pooled}, {first['epochs']} "
+                f"epochs on {first['train_subset']:,} training images, the full test set; each norm's notebook "
+                f"recipe with lr scaled by batch / {base_batch(first)} and no weight average. Final test accuracy "
+                f"(final train accuracy):", "",
+                "| batch | steps per epoch | peak lr | " + " | ".join(NORMS[n] for n in norms) + " |",
+                "|---|---|---|" + "---|" * len(norms)]
+        for batch in sorted({r["batch_size"] for r in sweep}):
+            cells = []
+            for n in norms:
+                m = means.get((n, batch))
+                if m is None:
+                    cells.append("not run")
+                    continue
+                spread = f" ± {m['std']:.2f}" if m["std"] is not None else ""
+                partial = f" (seed {', '.join(map(str, m['seeds']))} only)" if m["seeds"] != seeds else ""
+                cells.append(f"**{m['final']:.2f}%**{spread} ({m['train_final']:.2f}%){partial}")
+            lr = next(r["lr"] for r in sweep if r["batch_size"] == batch)
+            rows.append(f"| {batch} | {math.ceil(first['train_subset'] / batch):,} | {lr:.4g} | "
+                        + " | ".join(cells) + " |")
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) if blocks else "No batch-size sweep has run yet (`benchmarks/batch_size.py`)."
+
+
+def speed_table(results):
+    """benchmarks/speed.py results, one row per machine; records from before a column existed
+    show "-" there (their build was the reference one)."""
+    columns = ["pipeline: ours (utils.Loader)", "pipeline: conventional (PIL + DataLoader, 2 workers)",
+               "compute floor (one batch, repeated)", "compute floor, NCHW layout", "our training epoch",
+               "evaluation"]
+    rows = ["| machine | build | ours: pipeline | conventional pipeline | compute floor | compute floor, NCHW | "
+            "our training epoch | evaluation | s per epoch | overhead | pipeline speed-up | channels_last speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rate = {row["what"]: row["images_per_s"] for row in r["rows"]}
+        rates = " | ".join(f"{rate[c]:,.0f}" if c in rate else "-" for c in columns)
+        layout = f"**{r['channels_last_speedup']:.2f}x**" if "channels_last_speedup" in r else "-"
+        rows.append(f"| {r['device']} (torch {r['torch']}) | {r.get('build', 'reference')} | {rates} | "
+                    f"{r['epoch_seconds']} | **{r['overhead']:.2f}** | **{r['pipeline_speedup']:.1f}x** | {layout} |")
+    return "\n".join(rows)
+
+
+def _notebook_lines(path, prefix):
+    """Output lines of an executed notebook that start with prefix (numbers quoted from its run)."""
+    nb = json.loads(Path(path).read_text())
+    return [line for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell.get("outputs", [])
+            if out.get("output_type") == "stream" for line in "".join(out["text"]).splitlines()
+            if line.startswith(prefix)]
+
+
+def plot_batch_sizes(runs, path=None):
+    """The last batch-size sweep of _batch_sweeps (benchmarks/batch_size.py): final test accuracy (solid, with
+    the seeds' standard deviation as error bars where there are several) and final train accuracy (dotted)
+    against the batch size, means over the seeds, one colour per norm."""
+    sweep = _batch_sweeps(runs)[-1]
+    means = batch_size_means(sweep)
+    batches = sorted({b for _, b in means})
+    seeds = sorted({r["seed"] for r in sweep})
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for norm in NORMS:
+        mine = [(b, means[norm, b]) for b in batches if (norm, b) in means]
+        if not mine:
+            continue
+        xs = [b for b, _ in mine]
+        line = ax.errorbar(xs, [m["final"] for _, m in mine], yerr=[m["std"] or 0 for _, m in mine], fmt="-o",
+                           capsize=3, label=f"{NORMS[norm]} test")[0]
+        ax.plot(xs, [m["train_final"] for _, m in mine], ":", color=line.get_color(), label=f"{NORMS[norm]} train")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, labels=batches)
+    ax.set(xlabel="batch size (peak lr scaled by batch / 64)", ylabel="final accuracy (%)",
+           title=f"Batch size: {sweep[0]['epochs']} epochs on {sweep[0]['train_subset']:,} images, "
+                 + (f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=labels.__getitem__)     # each norm's test line beside its train line
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
+    fig.tight_layout()
+    return utils._finish(fig, path)
+
+
+def plot_comparison(histories, path=None):
+    """Several runs' test accuracy and train loss on shared axes: histories = {label: history}."""
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        line, = ax_acc.plot(epochs, [h["test_acc"] for h in history], "-o", ms=3, label=f"{label} test")
+        ax_acc.plot(epochs, [h["train_acc"] for h in history], ":", color=line.get_color(),
+                    label=f"{label} train")
+        ax_loss.plot(epochs, [h["test_loss"] for h in history], "-o", ms=3, color=line.get_color(),
+                     label=f"{label} test")
+    ax_loss.set(xlabel="epoch", ylabel="test loss", title="test loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (solid: test, dotted: train)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return utils._finish(fig, path)
+
+
+
+
+def comparable(recipe):
+    """A recipe record without the removed switches that were off (records.REMOVED_SWITCH_OFF), flat, so
+    that records of older code and of the present one compare equal when they trained the same way."""
+    flat = {**{k: v for k, v in recipe.items() if k != "augment"}, **recipe.get("augment", {})}
+    return {k: v for k, v in flat.items() if v not in records.REMOVED_SWITCH_OFF.get(k, ())}
+
+
+def tuned_table(tuned, shared, runs):
+    """What tuning each norm on its own added: the per-norm tuned notebook recipes (their 3 seeds) next to
+    the shared recipe (its 3 seeds)."""
+    rows = ["| norm | tuned for that norm alone | measured on | the shared recipe | measured on |",
+            "|---|---|---|---|---|"]
+    for t, s in zip(tuned, shared):
+        a, b = seed_runs(t, runs), seed_runs(s, runs)
+        rows.append(f"| {NORMS[t['norm']]} | {spread(list(a.values()))} ({len(a)} seeds, {t['build']}) | "
+                    f"{machine(t)} | {spread(list(b.values()))} ({len(b)} seeds, {s['build']}) | {machine(s)} |")
+    return "\n".join(rows)
+
+
+def replace_block(text, name, body):
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"the text lacks the {start} ... {end} markers around its {name} block")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+def blocks_of(text):
+    """{name: body} of every generated block in a Markdown text."""
+    out = {}
+    for part in text.split("<!-- ")[1:]:
+        name, sep, rest = part.partition(":start -->\n")
+        if sep:
+            out[name] = rest.split(f"\n<!-- {name}:end -->", 1)[0]
+    return out
+
+
+def load_all(root=ROOT):
+    results = Path(root) / "doc" / "results"
+    load = lambda folder: [records.load_results(folder / f"{n}.json") for n in NOTEBOOK_NORMS]  # noqa: E731
+    runs = [r for p in sorted(results.glob("*.jsonl")) for r in records.read_jsonl(p)]
+    for r in runs:
+        if isinstance(r.get("notebook_recipe"), dict):
+            r["notebook_recipe"] = comparable(r["notebook_recipe"])
+    notebooks, candidate_a, tuned = (load(results), load(results / "earlier" / "9-candidate-separable-skips"),
+                                     load(results / "earlier" / "10-tuned-per-norm"))
+    for r in notebooks + candidate_a + tuned:
+        r["recipe"] = comparable(r["recipe"])
+    return dict(results=results, runs=runs, notebooks=notebooks, candidate_a=candidate_a, tuned=tuned,
+                why=json.loads((results / "why-normalise.json").read_text()),
+                batch=records.read_jsonl(results / "batch-size.jsonl"),
+                speed=[json.loads(p.read_text()) for p in sorted(results.glob("speed-*.json"))])
+
+
+def generate(root=ROOT):
+    """{name: body} of every block the report writes, from the results files alone."""
+    d = load_all(root)
+    stats = "\n".join(_notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "mean:")
+                      + _notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "std: "))
+    return {
+        "headline": headline_table(d["notebooks"], d["runs"]),
+        "candidates": candidates_table({"separable-ws-skips, C1 not whitened (the notebooks')": d["notebooks"],
+                                        "separable-skips, C1 whitened": d["candidate_a"]}, d["runs"]),
+        "reference": reference_table(d["runs"]),
+        "why": why_table(d["why"]),
+        "batch-size": batch_size_table(d["batch"]),
+        "speed": speed_table(d["speed"]),
+        "stats": f"```\n{stats}\n```",
+        "tuned": tuned_table(d["tuned"], d["notebooks"], d["runs"]),
+    }
+
+
+def draw(root=ROOT):
+    d = load_all(root)
+    doc = Path(root) / "doc"
+    plot_comparison({NORMS[r["norm"]]: r["history"] for r in d["notebooks"]}, path=doc / "comparison.png")
+    plot_batch_sizes(d["batch"], path=doc / "batch_size.png")
+    utils.plot_depth(d["why"], path=doc / "why_normalise.png")
+
+
+def stale_blocks(root=ROOT):
+    """(file, block, first differing line) for each generated block that differs from what the report
+    writes now; a block the report writes that no file holds is stale too."""
+    wanted, found, stale = generate(root), set(), []
+    for doc in DOCS:
+        text = (Path(root) / doc).read_text()
+        for name, body in blocks_of(text).items():
+            found.add(name)
+            if name not in wanted:
+                stale.append((doc, name, "no generator writes this block"))
+            elif body != wanted[name]:
+                diff = next(((a, b) for a, b in zip(body.splitlines() + [""], wanted[name].splitlines() + [""])
+                             if a != b))
+                stale.append((doc, name, f"has {diff[0]!r}, the report writes {diff[1]!r}"))
+    stale += [("-", name, "no document holds it") for name in wanted if name not in found]
+    return stale
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compare only; exit 1 naming the first stale block")
+    a = p.parse_args(argv)
+    if a.check:
+        stale = stale_blocks()
+        for doc, name, why in stale:
+            print(f"{doc}: block {name!r} {why}")
+        sys.exit(1 if stale else 0)
+    blocks = generate()
+    for doc in DOCS:
+        path = ROOT / doc
+        text = path.read_text()
+        for name in blocks_of(text):
+            text = replace_block(text, name, blocks[name])
+        utils._atomic_write(path, lambda f: f.write(text))
+    draw()
+
+
+if __name__ == "__main__":
+    main()
