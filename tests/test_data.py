@@ -27,7 +27,7 @@ def write_imagefolder(root, per_class=2, size=32, skip_class=None):
 
 def test_imagefolder_folder_labels_stay_with_images(tmp_path):
     write_imagefolder(tmp_path / "copy")
-    data = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+    data = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
     assert data.train_images.shape == (20, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (20, 3, 32, 32)
     assert data.classes == utils.CLASSES
@@ -42,12 +42,12 @@ def test_tar_gz_and_cache(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "copy" / "train", "train")
         tar.add(tmp_path / "copy" / "test", "test")
-    first = utils.load_cifar10(archive, data_dir=tmp_path / "data")
+    first = utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
     assert len(list((tmp_path / "data" / "cache").glob("*.pt"))) == 1
-    second = utils.load_cifar10(archive, data_dir=tmp_path / "data")
+    second = utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
     assert torch.equal(first.train_images, second.train_images)
     assert torch.equal(first.test_labels, second.test_labels)
-    folder = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data2")
+    folder = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data2", full=False)
     assert torch.equal(first.train_images, folder.train_images)
 
 
@@ -60,7 +60,7 @@ def test_torchvision_pickle_folder(tmp_path):
         batches[name] = dict(data=rng.integers(0, 256, (3, 3072), dtype=np.uint8), labels=[1, 5, 9])
         (folder / name).write_bytes(pickle.dumps(batches[name]))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(utils.CLASSES)}))
-    data = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data")
+    data = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data", full=False)
     assert data.train_images.shape == (15, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
     assert data.train_labels.tolist() == [1, 5, 9] * 5
     # torchvision's layout: the 3072 values are the R plane, then G, then B, row-major
@@ -69,7 +69,7 @@ def test_torchvision_pickle_folder(tmp_path):
 
 def test_missing_source_names_the_ways_to_provide_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="S8_DATA"):
-        utils.load_cifar10(tmp_path / "nowhere", data_dir=tmp_path / "data")
+        utils.load_cifar10(tmp_path / "nowhere", data_dir=tmp_path / "data", full=False)
 
 
 def test_offline_download_fails_with_the_fix(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_corrupt_archive(tmp_path):
     bad = tmp_path / "cifar.tar.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00" + b"not really gzip" * 10)
     with pytest.raises(RuntimeError, match="corrupt or truncated|not a readable"):
-        utils.load_cifar10(bad, data_dir=tmp_path / "data")
+        utils.load_cifar10(bad, data_dir=tmp_path / "data", full=False)
 
 
 def test_truncated_archive(tmp_path):
@@ -100,7 +100,7 @@ def test_truncated_archive(tmp_path):
     data = archive.read_bytes()
     archive.write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="corrupt or truncated|not a readable"):
-        utils.load_cifar10(archive, data_dir=tmp_path / "data")
+        utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
 
 
 @pytest.mark.parametrize("damage", ["not an image", "cut in half"])
@@ -110,7 +110,7 @@ def test_damaged_image_file_is_named(tmp_path, damage):
     bad = tmp_path / "copy" / "train" / "cat" / "0001.jpg"
     bad.write_bytes(b"plain text, no image" if damage == "not an image" else bad.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=r"cannot decode train/cat/0001\.jpg .*fetch the copy again"):
-        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
@@ -129,13 +129,13 @@ def test_decode_rgb_gives_three_channels_and_exact_lossless_pixels(mode):
 def test_wrong_image_size(tmp_path):
     write_imagefolder(tmp_path / "copy", size=28)
     with pytest.raises(RuntimeError, match=r"28x28 pixels; CIFAR-10 images are 32x32"):
-        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
 
 
 def test_missing_class_folder(tmp_path):
     write_imagefolder(tmp_path / "copy", skip_class="truck")
     with pytest.raises(RuntimeError, match=r"no folder for class\(es\) \['truck'\]"):
-        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
 
 
 def test_mean_std_is_exact_against_numpy():
@@ -148,6 +148,18 @@ def test_mean_std_is_exact_against_numpy():
     np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-10)
     with pytest.raises(TypeError):
         utils.channel_mean_std(torch.from_numpy(x).float())
+
+
+def test_mean_std_over_thousands_of_real_images_is_not_a_per_batch_average(cifar):
+    """On 4,096 real images in batches of 128, the exact std and the average of per-batch stds differ
+    by about 3e-4; channel_mean_std must give the exact one within a tolerance that the average breaks."""
+    images = cifar.train_images[torch.randperm(50000, generator=torch.Generator().manual_seed(0))[:4096]]
+    exact = (images.double() / 255).std(dim=(0, 2, 3), unbiased=False)
+    batched = torch.stack([(b.double() / 255).std(dim=(0, 2, 3), unbiased=False) for b in images.split(128)]).mean(0)
+    tol = 2e-5
+    assert (batched - exact).abs().max() > 5 * tol                  # the mistake this test must catch
+    _, std = utils.channel_mean_std(images)
+    np.testing.assert_allclose(std, exact.numpy(), atol=tol, rtol=0)
 
 
 def test_real_data_set(cifar):
@@ -180,7 +192,7 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path, load_
     change = {}
     for q in (95, 25):
         copy = jpeg_quality.write_jpeg_copy(source, tmp_path / f"q{q}.tar.gz", q)
-        data = utils.load_cifar10(copy, data_dir=tmp_path / f"data{q}")
+        data = utils.load_cifar10(copy, data_dir=tmp_path / f"data{q}", full=False)
         assert torch.equal(data.train_labels, source.train_labels)
         assert torch.equal(data.test_labels, source.test_labels)
         change[q] = (data.train_images.float() - source.train_images.float()).abs().mean().item()
@@ -192,7 +204,7 @@ def test_jpeg_copy_keeps_order_and_labels_and_loses_with_quality(tmp_path, load_
     assert 0 < change[95] < change[25]
     # a moved block grid: the copy holds exactly what reencode gives (stored losslessly), in order
     moved = utils.load_cifar10(jpeg_quality.write_jpeg_copy(source, tmp_path / "q75-shift4.tar.gz", 75, shift=4),
-                               data_dir=tmp_path / "data-shift")
+                               data_dir=tmp_path / "data-shift", full=False)
     assert torch.equal(moved.train_images, jpeg_quality.reencode(source.train_images, 75, shift=4))
     assert torch.equal(moved.test_labels, source.test_labels)
     assert moved.train_images.shape == source.train_images.shape
@@ -219,3 +231,78 @@ def test_jpeg_copy_is_libjpeg_at_quality_75(cifar, load_benchmark):
     # with the block grid moved, the copy's own quality bites again: the stand-in for the first encoding
     moved = (jpeg_quality.reencode(images, 75, shift=4).float() - images.float()).abs().mean().item()
     assert 10 * change[75] < moved < change[50], (moved, change)
+
+
+def write_archive(folder, path):
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder / "train", "train")
+        tar.add(folder / "test", "test")
+    return path
+
+
+def test_folder_cache_follows_every_file_inside(tmp_path):
+    """Adding, deleting or rewriting one image inside train/<class>/ changes what the next load returns."""
+    write_imagefolder(tmp_path / "copy")
+    load = lambda: utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)  # noqa: E731
+    assert len(load().train_images) == 20
+    extra = tmp_path / "copy" / "train" / "cat" / "0002.jpg"
+    extra.write_bytes((tmp_path / "copy" / "train" / "cat" / "0000.jpg").read_bytes())
+    assert len(load().train_images) == 21
+    extra.unlink()
+    (tmp_path / "copy" / "train" / "dog" / "0001.jpg").unlink()
+    assert load().train_labels.tolist().count(utils.CLASSES.index("dog")) == 1
+    target = tmp_path / "copy" / "test" / "ship" / "0000.jpg"
+    Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8)).save(target, quality=95)
+    ship = load().test_images[load().test_labels == utils.CLASSES.index("ship")]
+    assert ship.float().mean(dim=(1, 2, 3)).max() > 250             # the white image, not the cached one
+
+
+def test_pickle_rewritten_in_place_is_read_again(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(utils.CLASSES)}))
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(dict(data=np.zeros((2, 3072), np.uint8), labels=[0, 1])))
+    first = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data", full=False)
+    (folder / "test_batch").write_bytes(pickle.dumps(dict(data=np.full((2, 3072), 7, np.uint8), labels=[3, 4])))
+    second = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data", full=False)
+    assert first.test_labels.tolist() == [0, 1] and second.test_labels.tolist() == [3, 4]
+    assert int(second.test_images.max()) == 7
+
+
+@pytest.mark.parametrize("damage", ["first 100 bytes", "last 8 bytes cut", "one byte flipped"])
+def test_damaged_archive_gets_the_same_clear_error(tmp_path, damage):
+    """Every damaged .tar.gz names its path and the fix, instead of Python's bare EOFError or a silent
+    wrong image: the archive is read to its end, so gzip's length and CRC are checked."""
+    write_imagefolder(tmp_path / "copy", per_class=3)
+    archive = write_archive(tmp_path / "copy", tmp_path / "cifar.tar.gz")
+    data = bytearray(archive.read_bytes())
+    if damage == "first 100 bytes":
+        data = data[:100]
+    elif damage == "last 8 bytes cut":
+        data = data[:-8]
+    else:
+        data[len(data) // 2] ^= 0x01
+    archive.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"cifar\.tar\.gz' is (corrupt or truncated|not a readable).*[Ff]etch it again"):
+        utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
+
+
+def test_a_copy_that_is_not_all_of_cifar10_is_refused_unless_asked(tmp_path):
+    write_imagefolder(tmp_path / "copy")
+    with pytest.raises(RuntimeError, match=r"train split has 20 images.*50,000.*fetch it again.*full=False"):
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
+    assert len(utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False).test_labels) == 20
+
+
+def test_non_image_error_names_the_file_without_a_buffer_repr(tmp_path):
+    write_imagefolder(tmp_path / "copy")
+    (tmp_path / "copy" / "train" / "cat" / "0001.jpg").write_bytes(b"plain text")
+    with pytest.raises(RuntimeError) as e:
+        utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
+    assert "train/cat/0001.jpg" in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_quick_runs_reuse_one_scratch_folder():
+    assert utils.figure_dir(True) == utils.figure_dir(True) != utils.Path("doc")
+    assert utils.figure_dir(True).is_dir()

@@ -21,8 +21,8 @@ def anchors(path):
 
 
 def test_github_anchor():
-    assert github_anchor("6. Results") == "6-results"
-    assert github_anchor("4. Regularisation and optimizer") == "4-regularisation-and-optimizer"
+    assert github_anchor("5. Results") == "5-results"
+    assert github_anchor("Which norm should I use?") == "which-norm-should-i-use"
     assert github_anchor("6. Beyond the rules: 30 epochs, and the data") == "6-beyond-the-rules-30-epochs-and-the-data"
 
 
@@ -57,3 +57,26 @@ def test_readme_links_the_tuning_narrative_and_it_links_back():
 
 def test_readme_names_every_build():
     assert [b for b in BUILDS if f"`{b}`" not in README] == []
+
+
+def test_every_generated_block_equals_what_the_report_writes_now(load_benchmark):
+    """Each <!-- NAME:start --> ... <!-- NAME:end --> block of README.md and doc/*.md is what
+    benchmarks/report.py writes from the results files today."""
+    stale = load_benchmark("report").stale_blocks()
+    assert stale == [], "\n".join(f"{doc}: block {name!r} {why}" for doc, name, why in stale)
+
+
+def test_a_hand_edited_number_is_named_with_its_block_and_line(load_benchmark, tmp_path):
+    import shutil
+    report = load_benchmark("report")
+    for part in ("README.md", "doc/tuning.md", "S8_BatchNorm.ipynb"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, tmp_path / part)
+    shutil.copytree(ROOT / "doc" / "results", tmp_path / "doc" / "results")
+    assert report.stale_blocks(tmp_path) == []
+    readme = (tmp_path / "README.md").read_text()
+    block = report.blocks_of(readme)["candidates"]
+    line = next(l for l in block.splitlines() if "%" in l)
+    (tmp_path / "README.md").write_text(readme.replace(line, line.replace("%", "1%", 1)))
+    (doc, name, why), = report.stale_blocks(tmp_path)
+    assert (doc, name) == ("README.md", "candidates") and line in why

@@ -21,7 +21,7 @@ def test_loader_batches_labels_and_determinism(images):
     marked = images.clone()
     marked[:, 0, 0, 0] = labels.to(torch.uint8) * 10
     make = lambda seed: utils.Loader(marked, labels, (0.5,) * 3, (0.25,) * 3, batch_size=8, shuffle=True,
-                                     augment=utils.Augment(flip=0, crop_pad=0), seed=seed)
+                                     augment=utils.Augment(flip=0, rotate_p=0), seed=seed)
     loader = make(0)
     assert len(loader) == 3
     batches = list(loader)
@@ -124,32 +124,97 @@ def test_bf16_autocast_only_where_the_gpu_computes_bf16(monkeypatch, capability,
     assert utils.computes_bf16("cpu") is False
 
 
-def test_results_file_round_trip_and_atomic(tmp_path):
+def test_results_file_round_trip_and_atomic(tmp_path, load_benchmark):
+    records = load_benchmark("records")
     history = [dict(epoch=1, train_loss=1.0, train_acc=50.0, test_loss=1.1, test_acc=71.0, lr=0.01, seconds=2.0)]
     path = tmp_path / "results" / "bn.json"
     utils.save_results(path, "bn", 46064, "cpu", "test data", 1, history)
-    assert utils.load_results(path)["history"] == history
+    assert records.load_results(path)["history"] == history
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()     # the usual permissions, not 0600
     with pytest.raises(ZeroDivisionError):
-        utils._atomic_write(path, lambda f: (f.write("{partial"), 1 / 0))
+        utils._atomic_write(path, lambda f: (f.write("{partial"), 1 / 0))    # killed mid-write
     assert json.loads(path.read_text())["params"] == 46064      # the old file is intact
     assert [p.name for p in path.parent.iterdir()] == ["bn.json"]  # no temporary left behind
     path.write_text(json.dumps({"norm": "bn"}))
     with pytest.raises(ValueError, match="lacks"):
-        utils.load_results(path)
+        records.load_results(path)
 
 
-def test_plots_write_files(tmp_path, images):
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_jsonl_appends_are_whole_and_a_cut_line_is_named(tmp_path, load_benchmark):
+    records = load_benchmark("records")
+    path = tmp_path / "runs.jsonl"
+    records.append_jsonl(path, {"seed": 1})
+    records.append_jsonl(path, {"seed": 2})
+    assert records.read_jsonl(path) == [{"seed": 1}, {"seed": 2}]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    with pytest.raises(TypeError):
+        records.append_jsonl(path, {"seed": object()})              # fails before the file changes
+    assert records.read_jsonl(path) == [{"seed": 1}, {"seed": 2}]
+    path.write_text(path.read_text() + '{"seed": 3, "hist')          # a writer that was killed mid-line
+    with pytest.raises(ValueError, match=r"runs\.jsonl, line 3: not a whole JSON record"):
+        records.read_jsonl(path)
+
+
+def test_cache_files_get_the_usual_permissions(tmp_path):
+    from test_data import write_imagefolder
+    write_imagefolder(tmp_path / "copy")
+    utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
+    cache, = (tmp_path / "data" / "cache").glob("*.pt")
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_plots_write_files(tmp_path, images, load_benchmark):
     import matplotlib
     matplotlib.use("Agg")
+    report = load_benchmark("report")
     history = [dict(epoch=e, train_loss=1.0 / e, train_acc=60 + e, test_loss=1.1 / e, test_acc=59 + e,
                     lr=0.01, seconds=1.0) for e in (1, 2)]
     utils.show_images(images, torch.zeros(20, dtype=torch.long), path=tmp_path / "a.png")
-    utils.plot_history(history, "BN", path=tmp_path / "b.png")
-    utils.plot_comparison({"BN": history, "GN": history}, path=tmp_path / "c.png")
+    utils.plot_history(history, "BN", averaged_last=True, path=tmp_path / "b.png")
+    report.plot_comparison({"BN": history, "GN": history}, path=tmp_path / "c.png")
     utils.plot_misclassified(images[:10], torch.arange(10), torch.arange(10).flip(0), path=tmp_path / "d.png")
     utils.plot_norm_methods(path=tmp_path / "e.png")
     utils.show_augmentations(images[:4], utils.Recipe().augment, (0.5,) * 3, (0.25,) * 3, path=tmp_path / "f.png")
     assert all((tmp_path / f"{n}.png").stat().st_size > 1000 for n in "abcdef")
+    before = (tmp_path / "a.png").read_bytes()
+    fig = utils.show_images(images[:2], nrows=1, ncols=2)
+
+    def killed_mid_write(f, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError("disk full")
+    fig.savefig = killed_mid_write
+    with pytest.raises(OSError):
+        utils._finish(fig, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes() == before                # the old figure, whole
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "ln", "gn"])
+def test_depth_stats_hooks_record_one_value_per_block(norm, images):
+    """One activation std and one gradient norm per 3x3 block, equal to what the block's output and
+    its weights' .grad give; no hook and no gradient is left behind."""
+    net = utils.Recipe(build="reference").make_model(norm)
+    x, y = utils.Loader(images, torch.arange(20) % 10, (0.5,) * 3, (0.25,) * 3, batch_size=20).images, torch.arange(20) % 10
+    torch.manual_seed(1)
+    stats = utils.depth_stats(net, x, y)
+    assert stats["blocks"] == ["C1", "C2", "C3", "C4", "C5", "C7", "C8", "C9"]
+    assert len(stats["act_std"]) == len(stats["grad_norm"]) == 8
+    assert all(p.grad is None for p in net.parameters())
+    assert not any(m._forward_hooks for m in net.modules())
+    torch.manual_seed(1)                                             # the same dropout masks
+    outputs = {}
+    for name in stats["blocks"]:
+        getattr(net.layers, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    utils.batch_loss(net, x, y)[0].backward()
+    for k, name in enumerate(stats["blocks"]):
+        grads = torch.cat([p.grad.flatten() for p in getattr(net.layers, name).conv.parameters()])
+        assert stats["act_std"][k] == pytest.approx(outputs[name].std().item(), rel=1e-4)
+        assert stats["grad_norm"][k] == pytest.approx(grads.norm().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("swing", [0.05, 0.0])
@@ -209,7 +274,7 @@ def test_ema_gives_the_model_its_averaged_weights_before_the_last_test(images):
     loader = utils.Loader(images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=5, shuffle=True, seed=0)
     ends = {}
     for ema in (0.0, 1 - 1e-9):
-        recipe = utils.Recipe(epochs=2, lr=0.5, batch_size=5, augment=None, ema=ema)
+        recipe = utils.Recipe(build="reference", epochs=2, lr=0.1, batch_size=5, augment=None, ema=ema)
         utils.set_seed(0)
         net = recipe.make_model("bn")
         start = [p.detach().clone() for p in net.parameters()]
@@ -221,9 +286,15 @@ def test_ema_gives_the_model_its_averaged_weights_before_the_last_test(images):
     assert ends[1 - 1e-9] < 1e-6              # ... the near-frozen average does not
 
 
-def test_recipe_round_trips_through_its_record():
+def test_recipe_round_trips_through_its_record(load_benchmark):
     recipe = replace(utils.Recipe(), lr=0.1, augment=utils.Augment(flip=0.0, crop_pad=2))
-    assert utils.recipe_from_dict(utils.recipe_dict(recipe)) == recipe
+    records = load_benchmark("records")
+    assert records.recipe_from_dict(utils.recipe_dict(recipe)) == recipe
+    old = dict(utils.recipe_dict(recipe), sam_rho=0.0, anneal="linear")     # removed switches, off: fine
+    old["augment"] = dict(old["augment"], cutout=0)
+    assert records.recipe_from_dict(old) == recipe
+    with pytest.raises(ValueError, match=r"sam_rho=0\.05.*git tag 'trials-final'"):
+        records.recipe_from_dict(dict(old, sam_rho=0.05))
 
 
 def test_sweep_change_takes_the_fields_type(load_benchmark):
@@ -252,11 +323,11 @@ def test_sweep_run_one_trains_and_records_the_run(cifar, capsys, load_benchmark)
     its record carries the spec, the model's parameter count and a one-epoch history whose final
     accuracy is the record's; with progress on, the epoch line is printed."""
     sweep = load_benchmark("sweep")
-    (spec,) = sweep.notebook_runs([1], ("gn",), build="separable-wide16")
+    (spec,) = sweep.notebook_runs([1], ("gn",), build="reference")
     data_path = os.environ["S8_DATA"]
     r = sweep.run_one(spec, data_path, torch.device("cpu"), threads=1, smoke=True, progress=True)
-    assert r["params"] == sum(p.numel() for p in Net("gn", groups=8, build="separable-wide16").parameters())
-    assert (r["norm"], r["seed"], r["notebook_build"]) == ("gn", 1, "separable-wide16")
+    assert r["params"] == sum(p.numel() for p in Net("gn", groups=8, build="reference").parameters())
+    assert (r["norm"], r["seed"], r["notebook_build"]) == ("gn", 1, "reference")
     assert len(r["history"]) == 1 and r["final"] == r["history"][-1]["test_acc"]
     assert 0 <= r["final"] <= 100 and r["seconds"] > 0
     printed = capsys.readouterr()
@@ -355,8 +426,8 @@ def test_lr_range_test_rejects_bad_bounds():
 
 
 def test_lr_range_record_leaves_the_notebook_run_alone_and_renders(cifar, tmp_path):
-    """A range-test record on 256 real images names the norm's recipe, and the README table and figure
-    render from it; the global RNG is as it was, so a notebook's training after it is unchanged."""
+    """A range-test record on 256 real images names the norm's recipe, and the figure renders from it;
+    the global RNG is as it was, so a notebook's training after it is unchanged."""
     import matplotlib
     matplotlib.use("Agg")
     recipe = utils.recipe_for("gn")
@@ -370,8 +441,6 @@ def test_lr_range_record_leaves_the_notebook_run_alone_and_renders(cifar, tmp_pa
     assert record["params"] == sum(p.numel() for p in recipe.make_model("gn").parameters())
     assert len(record["lr"]) == 6 and record["lr"][0] == pytest.approx(1e-3)
     assert all(l == l for l in record["loss"])     # finite on real data at these lrs
-    table = utils.lr_range_table([record])
-    assert f"| GroupNorm | {recipe.build} | 6 of 6 |" in table and f"**{recipe.lr:g}**" in table
     utils.plot_lr_range([record], path=tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 1000
 
@@ -397,23 +466,23 @@ def test_lr_range_benchmark_replaces_only_the_norms_it_ran(load_benchmark, monke
 def test_batch_size_benchmark_scales_the_lr_and_keeps_the_rest_of_the_recipe(load_benchmark):
     batch_size = load_benchmark("batch_size")
     for norm in utils.NORMS:
-        notebook, small = utils.recipe_for(norm), batch_size.batch_recipe(norm, 16, epochs=4)
-        assert small.lr == pytest.approx(notebook.lr * 16 / 64)
-        assert (small.batch_size, small.epochs, small.ema) == (16, 4, 0.0)
-        assert {k for k, *_ in utils._recipe_diff(utils.recipe_dict(notebook), utils.recipe_dict(small), norm)} \
-            == {"lr", "batch_size", "epochs", "ema"}
+        notebook, small = utils.recipe_dict(utils.recipe_for(norm)), utils.recipe_dict(batch_size.batch_recipe(norm, 16, 4))
+        assert small["lr"] == pytest.approx(notebook["lr"] * 16 / 64)
+        assert (small["batch_size"], small["epochs"], small["ema"]) == (16, 4, 0.0)
+        assert {k for k in small if small[k] != notebook[k]} == {"lr", "batch_size", "epochs", "ema"}
     with pytest.raises(ValueError, match="at least one image"):
         batch_size.batch_recipe("bn", 0, epochs=4)
 
 
 def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark, monkeypatch, tmp_path):
-    batch_size = load_benchmark("batch_size")
+    batch_size, records, report = load_benchmark("batch_size"), load_benchmark("records"), load_benchmark("report")
     small = dataclasses.replace(cifar, test_images=cifar.test_images[::50], test_labels=cifar.test_labels[::50])
     monkeypatch.setattr(utils, "load_cifar10", lambda source=None: small)
+    monkeypatch.setattr(batch_size.utils, "load_cifar10", lambda source=None: small)
     out = tmp_path / "batch-size.jsonl"
     argv = ["--out", str(out), "--norms", "bn,gn", "--batches", "2,8", "--epochs", "1", "--train-subset", "64"]
     batch_size.main(argv)
-    runs = utils.read_jsonl(out)
+    runs = records.read_jsonl(out)
     assert [(r["norm"], r["batch_size"]) for r in runs] == [("bn", 2), ("gn", 2), ("bn", 8), ("gn", 8)]
     for r in runs:
         assert r["recipe"]["batch_size"] == r["batch_size"] and r["lr"] == r["recipe"]["lr"]
@@ -424,12 +493,12 @@ def test_batch_size_benchmark_records_each_run_and_resumes(cifar, load_benchmark
         assert r["best"] == max(h["test_acc"] for h in r["history"]) and r["seconds"] > 0
         assert r["params"] == utils.count_parameters(utils.recipe_for(r["norm"]).make_model(r["norm"]))
     batch_size.main(argv)                       # everything is in --out already: nothing runs again
-    assert utils.read_jsonl(out) == runs
-    table = utils.batch_size_table(runs)
+    assert records.read_jsonl(out) == runs
+    table = report.batch_size_table(runs)
     assert "| 2 | 32 | 0.001563 | **" in table and "| 8 | 8 | 0.00625 | **" in table
     assert f"lr scaled by batch / {utils.recipe_for('bn').batch_size} " in table
     assert table.count("not run") == 0 and "LayerNorm" not in table
-    assert utils.plot_batch_sizes(runs, path=tmp_path / "batch.png") and (tmp_path / "batch.png").stat().st_size
+    assert report.plot_batch_sizes(runs, path=tmp_path / "batch.png") and (tmp_path / "batch.png").stat().st_size
 
 
 def test_make_loaders_takes_its_own_test_batch(cifar):
