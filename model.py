@@ -2,14 +2,10 @@
 
     C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10
 
-`C` is a 3x3 conv block (conv -> norm -> ReLU -> dropout), `c` a 1x1 "squeeze"
-conv block, `P` 2x2 max-pooling and `GAP` global average pooling; c10 is the
-1x1 classifier. One `Net` class serves every normalisation:
-
-    Net("bn")                              # the assignment's network, 46,064 parameters
-    Net("gn", groups=8, build="separable-skips")   # the notebooks' build, 49,920 parameters
-    Net("none")                            # no normalisation at all, for comparison
-
+`C` is a 3x3 conv block (conv -> norm -> ReLU -> dropout), `c` a 1x1 "squeeze" conv block, `P`
+2x2 max-pooling, `GAP` global average pooling, c10 the 1x1 classifier. One `Net` serves every norm:
+Net("bn") is the assignment's network (46,064 parameters), Net("gn", groups=8,
+build="separable-ws-skips") the notebooks' (49,920), Net("none") the same without any norm.
 This file holds modules only; training lives in utils.py.
 """
 from collections import OrderedDict
@@ -61,10 +57,8 @@ class StdConv2d(nn.Conv2d):
 
 
 class LayerNorm2d(nn.GroupNorm):
-    """LayerNorm for conv features: each sample is normalised over all of (C, H, W).
-
-    That is exactly GroupNorm with one group. Its scale and shift are per channel (2*C
-    parameters, like BatchNorm's), so the layer works at any spatial size;
+    """LayerNorm for conv features, over all of (C, H, W) of each sample: GroupNorm with one group. Its
+    scale and shift are per channel (2*C parameters, like BatchNorm's), so it takes any spatial size;
     `nn.LayerNorm([C, H, W])` would learn 2*C*H*W of them and accept only one size."""
 
     def __init__(self, num_channels, eps=1e-5):
@@ -171,8 +165,7 @@ class Net(nn.Module):
             raise ValueError(f"Net needs images of at least {self.min_size}x{self.min_size} pixels (two 2x2 poolings, "
                              f"then C8 and C9), got {x.shape[2]}x{x.shape[3]}: resize them first, e.g. with "
                              f"torchvision.transforms.Resize(32) (CIFAR-10's size)")
-        x = self.layers(x)                  # (N, 10, 1, 1)
-        x = x.flatten(1)                    # (N, 10)
+        x = self.layers(x).flatten(1)       # (N, 10)
         return F.log_softmax(x, dim=1)      # log-probabilities
 
 
@@ -203,6 +196,5 @@ def receptive_field(model, input_size=32):
 def format_receptive_field(rows):
     """The receptive-field table as fixed-width text."""
     head = f"{'layer':<6}{'kernel':>7}{'stride':>7}{'pad':>5}{'out':>5}{'jump':>6}{'RF':>5}"
-    lines = [head] + [f"{r['layer']:<6}{r['kernel']!s:>7}{r['stride']!s:>7}{r['padding']!s:>5}"
-                      f"{r['out']:>5}{r['jump']:>6}{r['rf']:>5}" for r in rows]
-    return "\n".join(lines)
+    return "\n".join([head] + [f"{r['layer']:<6}{r['kernel']!s:>7}{r['stride']!s:>7}{r['padding']!s:>5}"
+                               f"{r['out']:>5}{r['jump']:>6}{r['rf']:>5}" for r in rows])

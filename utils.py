@@ -38,11 +38,9 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 IMAGE_SHAPE = (3, 32, 32)
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}     # CIFAR-10's, 5,000 and 1,000 per class
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
-HOW_TO_PROVIDE = (
-    f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
-    f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', "
-    f"(2) an ImageFolder folder with train/<class>/*.jpg and test/<class>/*.jpg, or (3) a .tar or "
-    f".tar.gz of that ImageFolder layout.")
+HOW_TO_PROVIDE = (f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
+                  f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', (2) a "
+                  f"folder with train/<class>/*.jpg and test/<class>/*.jpg, or (3) a .tar or .tar.gz of that layout.")
 
 
 @dataclass
@@ -115,8 +113,7 @@ def _download(data_dir):
 
 
 def _fingerprint(path):
-    """A source's identity: the path, size and mtime of every file in it (one stat per file, no
-    hashing), so that adding, removing or rewriting any file changes it."""
+    """The path, size and mtime of every file of a source: any added, removed or rewritten file changes it."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:"
@@ -151,8 +148,7 @@ def _read_source(path):
 
 
 def _check_gzip(path):
-    """Read a gzip file to its end, so that its CRC and length are checked: tarfile alone stops at
-    the archive's end marker and would take a damaged member's bytes as they are."""
+    """Read a .gz to its end, so that gzip checks its CRC and length (tarfile stops at the end marker)."""
     with open(path, "rb") as f:
         if f.read(2) != b"\x1f\x8b":
             return
@@ -232,9 +228,7 @@ def _decode_image_files(files, where):
 
 
 def decode_rgb(data):
-    """One image file's bytes (JPEG, PNG, ...) as uint8 RGB pixels, shape (3, H, W). Pillow decodes
-    (torchvision's own decoders are deprecated since 0.29); on the JPEG copy its pixels are exactly
-    torchvision's, all 60,000 images compared."""
+    """One image file's bytes (JPEG, PNG, ...) as uint8 RGB pixels (3, H, W), decoded by Pillow."""
     with Image.open(io.BytesIO(data)) as img:
         pixels = np.array(img.convert("RGB"))                 # (H, W, 3); grey or RGBA files too
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -254,25 +248,19 @@ def subset(images, labels, n, seed=0):
 
 
 def channel_mean_std(images):
-    """Exact per-channel mean and (population) std of uint8 images (N, C, H, W), scaled to [0, 1]:
-    from a histogram of every pixel value, not an average of per-batch statistics."""
+    """Exact per-channel mean and std of uint8 images in [0, 1], from a histogram of every pixel."""
     if images.dtype != torch.uint8:
         raise TypeError(f"channel_mean_std expects uint8 images, got {images.dtype}")
+    counts = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                          for c in range(images.shape[1])]).double()                 # (C, 256)
     values = torch.arange(256, dtype=torch.float64) / 255
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
-        n = counts.sum()
-        mean = (counts * values).sum() / n
-        means.append(mean.item())
-        stds.append(((counts * (values - mean) ** 2).sum() / n).sqrt().item())
-    return tuple(means), tuple(stds)
+    mean = (counts * values).sum(1) / counts.sum(1)
+    std = ((counts * (values - mean[:, None]) ** 2).sum(1) / counts.sum(1)).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def class_sample(labels, per_class=1, seed=0):
-    """Indices of `per_class` random images of every class, one of each class in turn (rows of a
-    10-column grid then show every class): a data set stored class by class would otherwise show
-    only its first class."""
+    """Indices of `per_class` random images of each class, in turns of one per class (a grid row each)."""
     g = torch.Generator().manual_seed(seed)
     picks = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
     picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks]
@@ -290,8 +278,7 @@ class Augment:
     rotate_p: float = 0.1
 
     def draw(self, n, generator):
-        """The random choices for n images, drawn on the CPU so that a seed gives the same
-        augmentation on every device."""
+        """The random choices for n images, drawn on the CPU: a seed augments alike on every device."""
         g = generator
         flip = torch.rand(n, generator=g) < self.flip
         shift = torch.randint(-self.crop_pad, self.crop_pad + 1, (n, 2), generator=g)
@@ -315,8 +302,7 @@ def hflip(x, mask):
 
 
 def translate(x, shift, pad):
-    """Random crop with padding as one gather: image i is moved by shift[i] = (dy, dx) pixels,
-    |d| <= pad, with zeros filling the border."""
+    """Random crop with zero padding as one gather: image i moves by shift[i] = (dy, dx), |d| <= pad."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (pad - shift[:, 0, None] + torch.arange(h, device=x.device))       # (N, H)
@@ -337,8 +323,7 @@ def rotate(x, degrees):
 
 
 class Loader:
-    """Batches from one normalised float tensor on `device`: each epoch shuffles with a seeded
-    generator and augments batch by batch with tensor ops (no PIL, no workers, no per-image loop)."""
+    """Seeded, shuffled, batched-augmented batches from one normalised float tensor on `device`."""
 
     def __init__(self, images, labels, mean, std, batch_size=128, shuffle=False, augment=None,
                  seed=0, device="cpu", channels_last=False):
@@ -377,8 +362,7 @@ class Loader:
 
 @dataclass
 class Recipe:
-    """Everything about how a network is trained, in one place: the one recipe all three notebooks
-    train (recipe_for), chosen by 3-seed runs of each norm (README, "Results")."""
+    """How a network is trained, in one place: the one recipe all three notebooks train (recipe_for)."""
     build: str = "separable-ws-skips"   # model.BUILDS name
     groups: int = 8               # GroupNorm's group count; the other norms ignore it
     dropout: float = None         # None: the build's own (0.02)
@@ -421,7 +405,7 @@ def pick_device():
     """cuda, then mps, then cpu."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -430,15 +414,11 @@ def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"CPU ({torch.get_num_threads()} threads)"
-    return device.type
+    return f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
 
 
 def make_sgd(model, recipe, lr):
-    """The recipe's SGD (Nesterov momentum, weight decay) at a constant lr. With recipe.decay_norms
-    False the norms' scale and shift train without weight decay: decay would pull toward zero how
-    strongly each channel speaks, while on a conv before a norm it only changes the step size."""
+    """The recipe's SGD; with decay_norms False the norms' scale and shift get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     spared = set() if recipe.decay_norms else {
         id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
@@ -451,8 +431,7 @@ def make_sgd(model, recipe, lr):
 
 
 def make_optimizer(model, recipe, steps_per_epoch):
-    """make_sgd with a one-cycle learning rate stepped per batch, peaking at recipe.lr; momentum
-    moves against the lr within recipe.momentum +- recipe.momentum_swing (0: constant)."""
+    """make_sgd with a one-cycle lr per batch; momentum swings within momentum +- momentum_swing."""
     opt = make_sgd(model, recipe, recipe.lr)
     # One step more than the batches, so that the step after the last batch stays inside the
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
@@ -463,11 +442,6 @@ def make_optimizer(model, recipe, steps_per_epoch):
         base_momentum=round(recipe.momentum - recipe.momentum_swing, 10),
         max_momentum=round(recipe.momentum + recipe.momentum_swing, 10))
     return opt, sched
-
-
-def first_conv(model):
-    """The first nn.Conv2d of model (C1's conv in Net)."""
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 @torch.no_grad()
@@ -491,9 +465,7 @@ def whiten_init(conv, images, n=2000, eps=5e-4):
 
 
 def computes_bf16(device):
-    """Whether training on `device` runs in bf16 autocast: on a CUDA GPU that has bf16 arithmetic (compute
-    capability 8.0 on: A100, L4, H100). Older GPUs such as the T4 of Colab's free tier only emulate bf16, and
-    cuDNN has no bf16 convolutions for them, so they stay in fp32 like the CPU."""
+    """Whether `device` trains in bf16 autocast: CUDA with bf16 arithmetic (A100, L4, H100; no T4)."""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
@@ -522,8 +494,7 @@ def train_step(model, x, y, optimizer, label_smoothing=0.0):
 
 
 def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
-    """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
-    `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
+    """One pass over loader, updating `averaged` (an AveragedModel) each step; (mean loss, accuracy %)."""
     model.train()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
@@ -565,7 +536,7 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     running figure over augmented batches. With recipe.whiten_c1, C1 starts whitened; with recipe.ema,
     the last test is of the moving average of the weights (and BatchNorm's statistics)."""
     if recipe.whiten_c1:
-        whiten_init(first_conv(model), train_loader.images)
+        whiten_init(model.layers.C1.conv, train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
     averaged = None
     if recipe.ema:
@@ -633,8 +604,7 @@ def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, st
 
 
 def read_lr_range(lrs, smoothed, span):
-    """(lr of the lowest smoothed loss, lr of its steepest fall per decade of lr before that), leaving
-    out the first `span` steps, over which the moving average has not settled."""
+    """(lr of the lowest smoothed loss, lr of its steepest fall before it), past the first `span` steps."""
     finite = np.nan_to_num(np.array(smoothed, dtype=float), nan=np.inf)
     at_min = int(np.argmin(finite))
     skip = min(span, at_min // 2)
@@ -656,7 +626,7 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
         torch.manual_seed(seed)
         net = recipe.make_model(norm).to(device)
         if recipe.whiten_c1:      # the network starts as fit starts it
-            whiten_init(first_conv(net), train_loader.images)
+            whiten_init(net.layers.C1.conv, train_loader.images)
         result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
                                progress=progress)
     return dict(norm=norm, build=recipe.build, params=count_parameters(net),
@@ -667,8 +637,7 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
 
 def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
                  channels_last=True, test_batch_size=None):
-    """Train and test loaders as every notebook and script uses them: mean and std of the (subset)
-    training images; only the train loader shuffles and augments."""
+    """Train and test loaders normalised by the (subset) training images; only train shuffles, augments."""
     train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
     test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
     mean, std = channel_mean_std(train_x)
@@ -680,16 +649,14 @@ def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=No
 
 
 def unaugmented(loader):
-    """The same images in order, without augmentation: to measure train accuracy the way test
-    accuracy is measured."""
+    """The loader's images in order, unaugmented: train accuracy measured the way test accuracy is."""
     plain = Loader.__new__(Loader)
     plain.__dict__.update(loader.__dict__, augment=None, shuffle=False)
     return plain
 
 
 def misclassified(model, loader, n=10):
-    """Indices, predicted and true labels of n test images the model gets wrong, one per true class
-    in turn (a data set stored class by class would otherwise show errors of its first class)."""
+    """Indices, predicted and true labels of n misclassified images, one per true class in turn."""
     if loader.shuffle:
         raise ValueError("misclassified needs a loader that does not shuffle, so that indices "
                          "point at its images: pass the test loader")
@@ -702,26 +669,6 @@ def misclassified(model, loader, n=10):
              for errors in per_class if k < len(errors)]
     picked = torch.stack(turns[:n]) if turns else wrong
     return picked.cpu(), pred[picked].cpu(), labels[picked].cpu()
-
-
-def norm_by_hand(x, layer):
-    """A norm layer's output from plain tensor ops: mean and (biased) variance over the layer's axes,
-    then its per-channel scale and shift (BatchNorm in eval mode: its running statistics)."""
-    if isinstance(layer, torch.nn.BatchNorm2d):
-        if layer.training:                                   # over (N, H, W), per channel
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, unbiased=False)
-        else:
-            mean, var = layer.running_mean.view(1, -1, 1, 1), layer.running_var.view(1, -1, 1, 1)
-        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
-    elif isinstance(layer, torch.nn.Identity):              # Net("none"): nothing to normalise
-        return x
-    elif isinstance(layer, torch.nn.GroupNorm):              # LayerNorm2d is GroupNorm(1, C)
-        groups = x.reshape(x.shape[0], layer.num_groups, -1)  # (N, G, C/G * H * W)
-        var, mean = torch.var_mean(groups, dim=-1, keepdim=True, unbiased=False)
-        x_hat = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
-    else:
-        raise TypeError(f"norm_by_hand knows BatchNorm2d and GroupNorm, not {type(layer).__name__}")
-    return x_hat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
 
 
 def depth_stats(model, x, y):
@@ -750,8 +697,7 @@ def depth_stats(model, x, y):
 
 
 def _atomic_write(path, write, binary=False):
-    """Write a file whole or not at all: into a temporary file beside it, then rename. The file
-    gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
+    """Write a file whole or not at all (temporary file, then rename), permissions 0666 less the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -794,8 +740,7 @@ def summarize(history):
 
 
 def figure_dir(quick):
-    """Where a notebook writes its figures and results: doc/ for a full run; for a quick (CI) run
-    one fixed folder under the system's temporary directory, reused, so doc/ is never touched."""
+    """doc/ for a full run; one reused scratch folder for a quick (CI) run, so doc/ is never touched."""
     folder = Path(tempfile.gettempdir()) / "s8-quick" if quick else Path("doc")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -837,8 +782,7 @@ def denormalize(x, mean, std):
 
 
 def plot_history(history, title="", averaged_last=False, path=None):
-    """Loss and accuracy per epoch, train and test side by side; averaged_last marks the last test
-    point as the weight average's (Recipe.ema)."""
+    """Loss and accuracy per epoch, train and test; averaged_last marks the weight average's test."""
     from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -909,8 +853,7 @@ def plot_misclassified(images, predicted, true, classes=CLASSES, path=None, titl
 
 
 def plot_lr_range(records, path=None):
-    """Learning-rate range tests, one per norm: smoothed loss against the lr (log scale), its steepest
-    fall (triangle) and lowest point (circle), and the recipe's peak lr (dashed)."""
+    """Range tests, one per norm: smoothed loss against lr, steepest fall, lowest point, the peak lr."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in records:
         line, = ax.plot(r["lr"], r["smoothed"], label=NORMS[r["norm"]])

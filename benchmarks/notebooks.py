@@ -28,6 +28,19 @@ missing = [pkg for pkg in ("torchsummary", "tqdm") if importlib.util.find_spec(p
 if missing:  # torch and torchvision are never reinstalled: Colab's own are used
     %%pip install -q {" ".join(missing)}''' % REPO_URL
 
+
+def by_hand(comment, statistics):
+    """A norm's by-hand check: the same probe of C2's feature map, then that norm's statistics."""
+    return f"# NBVAL_CHECK_OUTPUT\n{comment}\n{PROBE}{statistics}"
+
+
+PROBE = """probe = recipe.make_model(NORM).to(device).train()
+x, _ = next(iter(test_loader))
+with torch.no_grad():
+    feat = probe.layers.C2.conv(probe.layers.C1(x))          # (N, 32, 32, 32)
+    layer = probe.layers.C2.norm
+"""
+
 NORM_TEXT = {
     "bn": dict(axes=r"""## Normalisation: BatchNorm
 
@@ -42,18 +55,11 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_c}{\sqrt{\sigma_c^2+\epsilon}} +
 **Batch size 1.** In training, the statistics of one image's H×W positions are noisy and the batch no longer regularises; with a 1×1 map PyTorch refuses (one value per channel has no variance). At test time batch size 1 is fine: the running averages are used.
 
 The figure shows which values share one mean and variance for each of the three norms.""",
-               by_hand="""# NBVAL_CHECK_OUTPUT
-# BatchNorm by hand on a real feature map: mean and variance over (N, H, W), per channel.
-probe = recipe.make_model(NORM).to(device).train()
-x, _ = next(iter(test_loader))
-with torch.no_grad():
-    feat = probe.layers.C2.conv(probe.layers.C1(x))          # (N, 32, 32, 32)
-    layer = probe.layers.C2.norm
-    mean = feat.mean(dim=(0, 2, 3), keepdim=True)             # (1, 32, 1, 1)
+               by_hand=by_hand("# BatchNorm by hand on a real feature map: mean and variance over (N, H, W), per channel.", """    mean = feat.mean(dim=(0, 2, 3), keepdim=True)             # (1, 32, 1, 1)
     var = feat.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
     by_hand = (feat - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     print("feature map", tuple(feat.shape), "-> statistics", tuple(mean.shape))
-    print("matches nn.BatchNorm2d in train mode:", torch.allclose(by_hand, layer(feat), atol=1e-4))"""),
+    print("matches nn.BatchNorm2d in train mode:", torch.allclose(by_hand, layer(feat), atol=1e-4))""")),
     "ln": dict(axes=r"""## Normalisation: LayerNorm
 
 **Axes.** For an activation of shape (N, C, H, W), LayerNorm computes one mean $\mu_n$ and one variance $\sigma_n^2$ **per sample**, over all channels and positions: axes **(C, H, W)**.
@@ -67,19 +73,12 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_n}{\sqrt{\sigma_n^2+\epsilon}} +
 **Batch size 1.** Works the same at any batch size, 1 included, because no statistic crosses samples.
 
 The figure shows which values share one mean and variance for each of the three norms.""",
-               by_hand="""# NBVAL_CHECK_OUTPUT
-# LayerNorm by hand on a real feature map: mean and variance over (C, H, W), per sample.
-probe = recipe.make_model(NORM).to(device).train()
-x, _ = next(iter(test_loader))
-with torch.no_grad():
-    feat = probe.layers.C2.conv(probe.layers.C1(x))          # (N, 32, 32, 32)
-    layer = probe.layers.C2.norm
-    mean = feat.mean(dim=(1, 2, 3), keepdim=True)             # (N, 1, 1, 1)
+               by_hand=by_hand("# LayerNorm by hand on a real feature map: mean and variance over (C, H, W), per sample.", """    mean = feat.mean(dim=(1, 2, 3), keepdim=True)             # (N, 1, 1, 1)
     var = feat.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
     by_hand = (feat - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     print("feature map", tuple(feat.shape), "-> statistics", tuple(mean.shape))
     print("matches", type(layer).__name__, "in train and eval mode:",
-          torch.allclose(by_hand, layer(feat), atol=1e-4), torch.allclose(by_hand, layer.eval()(feat), atol=1e-4))"""),
+          torch.allclose(by_hand, layer(feat), atol=1e-4), torch.allclose(by_hand, layer.eval()(feat), atol=1e-4))""")),
     "gn": dict(axes=r"""## Normalisation: GroupNorm
 
 **Axes.** For an activation of shape (N, C, H, W), GroupNorm splits the C channels into G groups of C/G and computes one mean $\mu_{n,g}$ and variance $\sigma_{n,g}^2$ **per sample and group**: axes **(C/G, H, W)**.
@@ -93,20 +92,13 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_{n,g(c)}}{\sqrt{\sigma_{n,g(c)}^
 **Batch size 1.** Works the same at any batch size, because no statistic crosses samples.
 
 The figure shows which values share one mean and variance for each of the three norms.""",
-               by_hand="""# NBVAL_CHECK_OUTPUT
-# GroupNorm by hand on a real feature map: mean and variance over (C/G, H, W), per sample and group.
-probe = recipe.make_model(NORM).to(device).train()
-x, _ = next(iter(test_loader))
-with torch.no_grad():
-    feat = probe.layers.C2.conv(probe.layers.C1(x))          # (N, 32, 32, 32)
-    layer = probe.layers.C2.norm
-    groups = feat.reshape(len(feat), layer.num_groups, -1)    # (N, G, 32/G * 32 * 32)
+               by_hand=by_hand("# GroupNorm by hand on a real feature map: mean and variance over (C/G, H, W), per sample and group.", """    groups = feat.reshape(len(feat), layer.num_groups, -1)    # (N, G, 32/G * 32 * 32)
     mean = groups.mean(dim=-1, keepdim=True)                  # (N, G, 1)
     var = groups.var(dim=-1, keepdim=True, unbiased=False)
     by_hand = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(feat.shape) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     print("feature map", tuple(feat.shape), "->", layer.num_groups, "groups, statistics", tuple(mean.shape))
     print("matches nn.GroupNorm in train and eval mode:",
-          torch.allclose(by_hand, layer(feat), atol=1e-4), torch.allclose(by_hand, layer.eval()(feat), atol=1e-4))"""),
+          torch.allclose(by_hand, layer(feat), atol=1e-4), torch.allclose(by_hand, layer.eval()(feat), atol=1e-4))""")),
 }
 
 

@@ -1,5 +1,4 @@
-"""Shared fixtures, and nbval settings: notebooks are compared on stdout only (tqdm writes its
-bars to stderr, whose rates and times change from run to run)."""
+"""Shared fixtures, and nbval settings: notebooks are compared on stdout only (tqdm's bars go to stderr)."""
 import os
 import sys
 from pathlib import Path
@@ -18,8 +17,7 @@ def pytest_collectstart(collector):
 
 @pytest.fixture(autouse=True)
 def seeded_torch():
-    """Every test starts from the same global seed, so a test's random init and inputs are the
-    same on every run and in every order: a result never hangs on a lucky draw in CI."""
+    """Every test starts from the same global seed: a result never hangs on a lucky draw in CI."""
     torch.manual_seed(0)
 
 
@@ -58,3 +56,20 @@ def load_benchmark():
             sys.path.remove(str(folder))
         return module
     return load
+
+
+def norm_by_hand(x, layer):
+    """A norm layer's output from plain tensor ops: mean and variance over its axes, scale and shift."""
+    if isinstance(layer, torch.nn.Identity):                  # Net("none"): nothing to normalise
+        return x
+    if isinstance(layer, torch.nn.BatchNorm2d):               # over (N, H, W), per channel; eval: running
+        var, mean = (torch.var_mean(x, dim=(0, 2, 3), keepdim=True, unbiased=False) if layer.training else
+                     (layer.running_var.view(1, -1, 1, 1), layer.running_mean.view(1, -1, 1, 1)))
+        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
+    elif isinstance(layer, torch.nn.GroupNorm):              # LayerNorm2d is GroupNorm(1, C)
+        groups = x.reshape(x.shape[0], layer.num_groups, -1)  # (N, G, C/G * H * W)
+        var, mean = torch.var_mean(groups, dim=-1, keepdim=True, unbiased=False)
+        x_hat = ((groups - mean) / torch.sqrt(var + layer.eps)).reshape(x.shape)
+    else:
+        raise TypeError(f"norm_by_hand knows BatchNorm2d and GroupNorm, not {type(layer).__name__}")
+    return x_hat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)

@@ -7,6 +7,7 @@ from torchsummary import summary
 
 from model import BUILDS, LayerNorm2d, Net, StdConv2d, count_parameters, receptive_field
 import utils
+from conftest import norm_by_hand
 
 NORM_TYPES = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d, "gn": nn.GroupNorm}
 NORM_LAYERS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -54,7 +55,7 @@ def test_no_norm_is_the_reference_less_the_norms_affine_parameters():
     groups = utils.make_sgd(net, recipe, 0.1).param_groups
     assert len(groups) == 1 and groups[0]["weight_decay"] == recipe.weight_decay   # nothing to spare
     x = torch.randn(2, 16, 8, 8)
-    assert torch.equal(utils.norm_by_hand(x, net.layers.C1.norm), net.layers.C1.norm(x))
+    assert torch.equal(norm_by_hand(x, net.layers.C1.norm), net.layers.C1.norm(x))
     assert summary(net, (3, 32, 32), device="cpu") is None                         # prints, raises nothing
     net(torch.randn(2, 3, 32, 32)).sum().backward()
 
@@ -94,6 +95,10 @@ def test_recipe_for_differs_between_norms_only_in_norm_and_groups():
     assert all(replace(r, groups=0) == replace(recipes["bn"], groups=0) for r in recipes.values())
     nets = {n: r.make_model(n) for n, r in recipes.items()}
     assert {n: count_parameters(m) for n, m in nets.items()} == {"bn": 49920, "ln": 49920, "gn": 49920}
+    rows = {r["layer"]: r for r in receptive_field(nets["bn"])}
+    assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
+    separable = [n for n, b in nets["bn"].layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
+    assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
     assert len({tuple(type(m).__name__ for m in net.modules() if not isinstance(m, NORM_LAYERS))
                 for net in nets.values()}) == 1                       # the same layers but the norms
 
@@ -110,18 +115,6 @@ def test_separable_blocks_are_depthwise_then_pointwise():
     assert count_parameters(full) - count_parameters(net) == saved
     assert receptive_field(net)[-3]["rf"] == 44                # the depthwise 3x3 keeps the RF
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
-def test_the_notebooks_separable_build(norm):
-    """The build the notebooks train: 49,920 parameters, RF 44, six separable blocks."""
-    net = utils.recipe_for(norm).make_model(norm)
-    assert net.build == utils.Recipe().build
-    assert count_parameters(net) == 49920
-    rows = {r["layer"]: r for r in receptive_field(net)}
-    assert rows["C9"]["rf"] == 44 and rows["C9"]["out"] == 4
-    separable = [n for n, b in net.layers.named_children() if isinstance(getattr(b, "conv", None), nn.Sequential)]
-    assert separable == ["C3", "C4", "C5", "C7", "C8", "C9"]
 
 
 def test_separable_skips_add_input_where_shapes_match():

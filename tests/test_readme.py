@@ -1,4 +1,5 @@
 """The README's and doc/tuning.md's links and names stay true to the repository."""
+import json
 import re
 from pathlib import Path
 
@@ -18,12 +19,6 @@ def github_anchor(heading):
 
 def anchors(path):
     return {github_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}
-
-
-def test_github_anchor():
-    assert github_anchor("5. Results") == "5-results"
-    assert github_anchor("Which norm should I use?") == "which-norm-should-i-use"
-    assert github_anchor("6. Beyond the rules: 30 epochs, and the data") == "6-beyond-the-rules-30-epochs-and-the-data"
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
@@ -55,8 +50,17 @@ def test_readme_links_the_tuning_narrative_and_it_links_back():
     assert "](../README.md" in (ROOT / "doc" / "tuning.md").read_text()
 
 
-def test_readme_names_every_build():
-    assert [b for b in BUILDS if f"`{b}`" not in README] == []
+def test_readme_names_every_build_and_the_setup_cells_constant():
+    assert [b for b in BUILDS if f"`{b}`" not in README] == [] and "`REPO_URL`" in README
+
+
+def test_the_notebooks_are_one_story_written_by_their_generator(load_benchmark):
+    """The notebooks' cells are benchmarks/notebooks.py's: one setup cell and REPO_URL, one story."""
+    notebooks = load_benchmark("notebooks")
+    for norm, name in (("bn", "BatchNorm"), ("ln", "LayerNorm"), ("gn", "GroupNorm")):
+        cells = json.loads((ROOT / f"S8_{name}.ipynb").read_text())["cells"]
+        assert ["".join(c["source"]) for c in cells] == [c["source"] for c in notebooks.cells(norm)]
+    assert 'REPO_URL = "' in notebooks.SETUP
 
 
 def test_every_generated_block_equals_what_the_report_writes_now(load_benchmark):
