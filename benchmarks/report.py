@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -107,13 +108,18 @@ def reference_table(runs):
 def why_table(why):
     """The no-norm study: per norm and lr, the short runs' final test accuracy and the output std of the
     last block (C9) and gradient norm of the first (C1), at initialisation and trained (means over seeds)."""
-    rows = [f"| norm | peak lr | test acc after {why['epochs']} epochs | C9 output std, init → trained | "
-            "C1 gradient norm, init → trained |", "|---|---|---|---|---|"]
+    r = why["recipe"]
+    rows = [f"Measured on {why['device']}, data: {why['data']}, build `{r['build']}`, whitened C1 "
+            f"{'yes' if r['whiten_c1'] else 'no'}, {why['epochs']} epochs on {why['train_subset']:,} training images, "
+            f"seeds {', '.join(map(str, why['seeds']))}; statistics on {why['probe_images']} test images, means over "
+            "the seeds:", "",
+            f"| norm | parameters | peak lr | test acc after {why['epochs']} epochs | C9 output std, init → trained | "
+            "C1 gradient norm, init → trained |", "|---|---|---|---|---|---|"]
     for norm in why["norms"]:
         for lr in sorted({r["lr"] for r in why["runs"] if r["norm"] == norm}, reverse=True):
             rs = [r for r in why["runs"] if r["norm"] == norm and r["lr"] == lr]
             mean = lambda when, key, i: float(np.mean([r[when][key][i] for r in rs]))  # noqa: E731
-            rows.append(f"| {NORMS[norm]} | {lr:g} | {spread([r['final'] for r in rs])} ({len(rs)} seeds) | "
+            rows.append(f"| {NORMS[norm]} | {rs[0]['params']:,} | {lr:g} | {spread([r['final'] for r in rs])} | "
                         f"{mean('init', 'act_std', -1):.2g} → {mean('trained', 'act_std', -1):.2g} | "
                         f"{mean('init', 'grad_norm', 0):.2g} → {mean('trained', 'grad_norm', 0):.2g} |")
     return "\n".join(rows)
@@ -253,6 +259,7 @@ def plot_comparison(histories, path=None):
     ax_loss.set(xlabel="epoch", ylabel="test loss", title="test loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy (solid: test, dotted: train)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
