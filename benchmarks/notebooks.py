@@ -2,8 +2,9 @@
 cells in the same order, with only the norm's own text and code between them. Outputs are left
 empty; execute the notebooks afterwards (README, "How to run").
 
-    python benchmarks/notebooks.py
+    python benchmarks/notebooks.py --force     # erases the executed outputs: execute them again after
 """
+import argparse
 import os
 import sys
 
@@ -238,13 +239,21 @@ print(f"Train accuracy of the final model {{train_acc:.2f}}%, {{train_acc - s['f
     ]
 
 
-def main():
-    for norm in ("bn", "ln", "gn"):
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--force", action="store_true", help="overwrite notebooks that hold outputs (an executed run)")
+    a = p.parse_args(argv)
+    paths = {norm: os.path.join(ROOT, f"S8_{NORMS[norm]}.ipynb") for norm in ("bn", "ln", "gn")}
+    executed = [path for path in paths.values() if os.path.exists(path) and any(
+        c.get("outputs") for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")]
+    if executed and not a.force:
+        p.error(f"{', '.join(map(os.path.basename, executed))} hold an executed run's outputs, which writing would "
+                "erase: pass --force, then execute the notebooks again")
+    for norm, path in paths.items():
         nb = nbformat.v4.new_notebook(cells=cells(norm))
         nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                        "language_info": {"name": "python"}, "accelerator": "GPU",
                        "colab": {"provenance": []}}
-        path = os.path.join(ROOT, f"S8_{NORMS[norm]}.ipynb")
         nbformat.write(nb, path)
         print("wrote", path)
 

@@ -323,6 +323,8 @@ def generate(root=ROOT):
     d = load_all(root)
     stats = "\n".join(_notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "mean:")
                       + _notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "std: "))
+    if not stats:
+        raise ValueError("S8_BatchNorm.ipynb printed no mean and std: execute it before writing the report")
     return {
         "headline": headline_table(d["notebooks"], d["runs"]),
         "candidates": candidates_table({"separable-ws-skips, C1 not whitened (the notebooks')": d["notebooks"],

@@ -60,6 +60,7 @@ def test_the_notebooks_are_one_story_written_by_their_generator(load_benchmark):
     for norm, name in (("bn", "BatchNorm"), ("ln", "LayerNorm"), ("gn", "GroupNorm")):
         cells = json.loads((ROOT / f"S8_{name}.ipynb").read_text())["cells"]
         assert ["".join(c["source"]) for c in cells] == [c["source"] for c in notebooks.cells(norm)]
+        assert any(c.get("outputs") for c in cells), f"S8_{name}.ipynb is committed without its run's outputs"
     assert 'REPO_URL = "' in notebooks.SETUP
 
 
@@ -78,8 +79,7 @@ def test_a_hand_edited_number_is_named_with_its_block_and_line(load_benchmark, t
         shutil.copy(ROOT / part, tmp_path / part)
     shutil.copytree(ROOT / "doc" / "results", tmp_path / "doc" / "results")
     assert report.stale_blocks(tmp_path) == []
-    readme = (tmp_path / "README.md").read_text()
-    block = report.blocks_of(readme)["candidates"]
+    block = report.blocks_of(readme := (tmp_path / "README.md").read_text())["candidates"]
     line = next(l for l in block.splitlines() if "%" in l)
     (tmp_path / "README.md").write_text(readme.replace(line, line.replace("%", "1%", 1)))
     (doc, name, why), = report.stale_blocks(tmp_path)
