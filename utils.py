@@ -116,8 +116,8 @@ def _fingerprint(path):
     """The path, size and mtime of every file of a source: any added, removed or rewritten file changes it."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:"
-                           f"{p.stat().st_mtime_ns}" for p in files]
+    parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{st.st_size}:{st.st_mtime_ns}"
+                           for p, st in ((p, p.stat()) for p in files)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -806,20 +806,19 @@ def plot_history(history, title="", averaged_last=False, path=None):
 def plot_depth(record, path=None):
     """Two panels from benchmarks/why_normalise.py's record: each 3x3 block's output std and weight
     gradient norm, a line per norm (mean over seeds), dashed at initialisation, solid trained; log scale."""
+    shown = {}
+    for norm in record["norms"]:
+        # the recipe's peak lr, unless every run there stayed at chance: then the lower lr it was rerun at
+        at_peak = [r for r in record["runs"] if r["norm"] == norm and r["lr"] == record["recipe_lr"]]
+        lower = [r for r in record["runs"] if r["norm"] == norm and r["lr"] != record["recipe_lr"]]
+        shown[norm] = lower if lower and all(r["at_chance"] for r in at_peak) else at_peak
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for (key, label), ax in zip((("act_std", "std of the block's output"),
                                  ("grad_norm", "gradient norm of the block's conv weights")), axes):
-        for k, norm in enumerate(record["norms"]):
-            color = f"C{k}"
-            mine = [r for r in record["runs"] if r["norm"] == norm]
-            # the recipe's peak lr, unless every run there stayed at chance: then the lower lr it was rerun at
-            at_peak = [r for r in mine if r["lr"] == record["recipe_lr"]]
-            lower = [r for r in mine if r not in at_peak]
-            use = lower if lower and all(r["at_chance"] for r in at_peak) else at_peak
+        for k, (norm, runs) in enumerate(shown.items()):
             for when, style in (("init", "--"), ("trained", "-o")):
-                runs = [r[when][key] for r in use]
-                ax.plot(record["blocks"], np.mean(runs, axis=0), style, color=color, ms=3,
-                        label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}")
+                ax.plot(record["blocks"], np.mean([r[when][key] for r in runs], axis=0), style, color=f"C{k}",
+                        ms=3, label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}")
         ax.set(yscale="log", xlabel="block (input side to output side)", ylabel=label, title=label)
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7, ncol=2)

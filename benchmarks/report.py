@@ -41,14 +41,20 @@ def spread(values):
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}%" if len(values) > 1 else "-"
 
 
-def seed_runs(record, runs, name="notebook"):
+def same_runs(record, runs, name="notebook", **changes):
+    """The finished sweep runs named `name` of a notebook record's norm, recipe (with `changes`) and kind
+    of machine."""
+    recipe = dict(record["recipe"], **changes)
+    return [x for x in runs if x.get("name") == name and x["norm"] == record["norm"] and "final" in x
+            and machine(x) == machine(record) and x.get("notebook_recipe") == recipe]
+
+
+def seed_runs(record, runs):
     """{seed: final test accuracy} of a notebook record (seed 1) and the sweep runs of exactly its recipe
     on its kind of machine."""
     accs = {record["seed"]: record["history"][-1]["test_acc"]}
-    for x in runs:
-        if (x.get("name") == name and x["norm"] == record["norm"] and "final" in x and x["seed"] not in accs
-                and machine(x) == machine(record) and x["notebook_recipe"] == record["recipe"]):
-            accs[x["seed"]] = x["final"]
+    for x in same_runs(record, runs):
+        accs.setdefault(x["seed"], x["final"])
     return accs
 
 
@@ -63,9 +69,7 @@ def headline_table(notebooks, runs):
         rows.append(f"| [{name}]({name}) | {r['build']} | {r['params']:,} | {s['first_epoch_70'] or 'never'} | "
                     f"**{s['final_test_acc']:.2f}%** | {spread([accs[k] for k in sorted(accs)])} | {r['device']} |")
     for r in notebooks:
-        ref_recipe = dict(r["recipe"], build="reference")
-        ref = [x for x in runs if x.get("name") == "reference" and x["norm"] == r["norm"]
-               and x["notebook_recipe"] == ref_recipe and machine(x) == machine(r)]
+        ref = same_runs(r, runs, name="reference", build="reference")
         for x in sorted(ref, key=lambda x: x["seed"])[:1]:
             s = utils.summarize(x["history"])
             finals = [y["final"] for y in ref]
@@ -207,7 +211,7 @@ def speed_table(results):
 
 
 def _notebook_lines(path, prefix):
-    """Output lines of an executed notebook that start with prefix (numbers quoted from its run)."""
+    """Output lines of an executed notebook that start with prefix (a string or a tuple of them)."""
     nb = json.loads(Path(path).read_text())
     return [line for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell.get("outputs", [])
             if out.get("output_type") == "stream" for line in "".join(out["text"]).splitlines()
@@ -312,17 +316,16 @@ def load_all(root=ROOT):
                                      load(results / "earlier" / "10-tuned-per-norm"))
     for r in notebooks + candidate_a + tuned:
         r["recipe"] = comparable(r["recipe"])
-    return dict(results=results, runs=runs, notebooks=notebooks, candidate_a=candidate_a, tuned=tuned,
+    return dict(runs=runs, notebooks=notebooks, candidate_a=candidate_a, tuned=tuned,
                 why=json.loads((results / "why-normalise.json").read_text()),
                 batch=records.read_jsonl(results / "batch-size.jsonl"),
                 speed=[json.loads(p.read_text()) for p in sorted(results.glob("speed-*.json"))])
 
 
-def generate(root=ROOT):
-    """{name: body} of every block the report writes, from the results files alone."""
-    d = load_all(root)
-    stats = "\n".join(_notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "mean:")
-                      + _notebook_lines(Path(root) / "S8_BatchNorm.ipynb", "std: "))
+def generate(root=ROOT, d=None):
+    """{name: body} of every block the report writes, from the results files alone (`d`: load_all's)."""
+    d = d or load_all(root)
+    stats = "\n".join(_notebook_lines(Path(root) / "S8_BatchNorm.ipynb", ("mean:", "std: ")))
     if not stats:
         raise ValueError("S8_BatchNorm.ipynb printed no mean and std: execute it before writing the report")
     return {
@@ -338,8 +341,8 @@ def generate(root=ROOT):
     }
 
 
-def draw(root=ROOT):
-    d = load_all(root)
+def draw(root=ROOT, d=None):
+    d = d or load_all(root)
     doc = Path(root) / "doc"
     plot_comparison({NORMS[r["norm"]]: r["history"] for r in d["notebooks"]}, path=doc / "comparison.png")
     plot_batch_sizes(d["batch"], path=doc / "batch_size.png")
@@ -374,14 +377,15 @@ def main(argv=None):
         for doc, name, why in stale:
             print(f"{doc}: block {name!r} {why}")
         sys.exit(1 if stale else 0)
-    blocks = generate()
+    d = load_all()
+    blocks = generate(d=d)
     for doc in DOCS:
         path = ROOT / doc
         text = path.read_text()
         for name in blocks_of(text):
             text = replace_block(text, name, blocks[name])
         utils._atomic_write(path, lambda f: f.write(text))
-    draw()
+    draw(d=d)
 
 
 if __name__ == "__main__":
