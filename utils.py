@@ -1,9 +1,8 @@
 """Data, training, evaluation, results files and plots for the S8 notebooks.
 
-Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training (Recipe, fit,
-the lr range test), activations and gradients through depth, results files, plots. Every
-notebook calls these; nothing here is notebook-specific. The report that fills README.md
-from the results files lives in benchmarks/report.py.
+Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training (Recipe, fit, the lr range
+test), activations and gradients through depth, results files, plots. Every notebook calls these; nothing
+here is notebook-specific. The report that fills README.md from the results files is benchmarks/report.py.
 """
 import gzip
 import io
@@ -33,8 +32,7 @@ from tqdm import tqdm
 
 from model import NORMS, SPATIAL_BLOCKS, Net, count_parameters
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}     # CIFAR-10's, 5,000 and 1,000 per class
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
@@ -673,8 +671,8 @@ def misclassified(model, loader, n=10):
 
 def depth_stats(model, x, y):
     """Per 3x3 block (C1 ... C9) on one batch: the std of the block's output (a forward hook) and the
-    norm of the loss's gradient for the block's conv weights (hooks run as each gradient is
-    accumulated). One forward and backward pass in train mode, no step; gradients are cleared."""
+    norm of the loss's gradient for the block's conv weights (hooks run as each gradient is accumulated).
+    One forward and backward pass in train mode, no step (BatchNorm's running averages do take the batch in)."""
     act_std, grad_sq, handles = {}, dict.fromkeys(SPATIAL_BLOCKS, 0.0), []
     for name in SPATIAL_BLOCKS:
         block = getattr(model.layers, name)
@@ -817,8 +815,10 @@ def plot_depth(record, path=None):
                                  ("grad_norm", "gradient norm of the block's conv weights")), axes):
         for k, (norm, runs) in enumerate(shown.items()):
             for when, style in (("init", "--"), ("trained", "-o")):
-                ax.plot(record["blocks"], np.mean([r[when][key] for r in runs], axis=0), style, color=f"C{k}",
-                        ms=3, label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}")
+                y = np.mean([r[when][key] for r in runs], axis=0)
+                off = "" if (y > 0).any() else f" ({'NaN' if np.isnan(y).any() else 'zero'}: off the log scale)"
+                ax.plot(record["blocks"], y, style, color=f"C{k}", ms=3,
+                        label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}{off}")
         ax.set(yscale="log", xlabel="block (input side to output side)", ylabel=label, title=label)
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7, ncol=2)

@@ -115,8 +115,8 @@ def why_table(why):
     r = why["recipe"]
     rows = [f"Measured on {why['device']}, data: {why['data']}, build `{r['build']}`, whitened C1 "
             f"{'yes' if r['whiten_c1'] else 'no'}, {why['epochs']} epochs on {why['train_subset']:,} training images, "
-            f"seeds {', '.join(map(str, why['seeds']))}; statistics on {why['probe_images']} test images, means over "
-            "the seeds:", "",
+            f"seeds {', '.join(map(str, why['seeds']))}; statistics on {why['probe_images']} test images "
+            f"({why['probe_pick']}), means over the seeds:", "",
             f"| norm | parameters | peak lr | test acc after {why['epochs']} epochs | C9 output std, init → trained | "
             "C1 gradient norm, init → trained |", "|---|---|---|---|---|---|"]
     for norm in why["norms"]:

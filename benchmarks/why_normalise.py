@@ -6,11 +6,14 @@ The runs are short (--epochs on --train-subset images) and use no weight average
 run takes too few steps for it to forget its random start); otherwise the recipe is the notebooks'.
 If the network without a norm stays at chance at the recipe's peak lr, it is trained again at the
 lr where an lr range test (utils.lr_range_record) finds the loss falling fastest. --change sets
-Recipe fields as benchmarks/sweep.py's does; doc/results/why-normalise.json ran the build without
-weight standardization (itself a normalisation, of the weights) and with the whitened C1:
+Recipe fields as benchmarks/sweep.py's does:
 
+    python benchmarks/why_normalise.py --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/why_normalise.py --data ../shared/data/cifar10-jpeg.tar.gz \
-        --out doc/results/why-normalise.json --seeds 1,2,3 --change build=separable-skips --change whiten_c1=true
+        --out doc/results/why-normalise-separable-skips.json --change build=separable-skips --change whiten_c1=true
+
+The second is the build without weight standardization (itself a normalisation, of the weights) and
+without skips, with the whitened C1.
 """
 import argparse
 import math
@@ -46,7 +49,8 @@ def run(data, norm, seed, recipe, device, train_subset):
     utils.set_seed(seed)
     model = recipe.make_model(norm).to(device)
     train, test = utils.make_loaders(data, recipe, device, seed=seed, train_subset=train_subset)
-    x, y = test.images[:PROBE], test.labels[:PROBE]
+    # a seeded random batch: the JPEG copy stores the test set class by class, so its first images are one class
+    x, y = utils.subset(test.images, test.labels, PROBE, seed=0)
     init = utils.depth_stats(model, x, y)
     history = utils.fit(model, train, test, recipe, progress=False)
     trained = utils.depth_stats(model, x, y)
@@ -89,7 +93,8 @@ def main(argv=None):
     runs = [r for rs, *_ in results for r in rs]
     range_tests = [t for _, t, *_ in results if t is not None]
     record = dict(norms=list(NORMS), blocks=list(SPATIAL_BLOCKS), seeds=seeds, epochs=a.epochs,
-                  train_subset=a.train_subset, probe_images=PROBE, recipe_lr=utils.recipe_for("bn").lr,
+                  train_subset=a.train_subset, probe_images=PROBE, probe_pick="random, seed 0",
+                  recipe_lr=utils.recipe_for("bn").lr,
                   recipe=utils.recipe_dict(short_recipe("bn", a.epochs, **changes)),
                   device=results[0][2], data=results[0][3], runs=runs,
                   lr_range=[{k: v for k, v in t.items() if k not in ("lr", "loss", "smoothed")} for t in range_tests])
