@@ -12,8 +12,8 @@ Recipe fields as benchmarks/sweep.py's does:
     python benchmarks/why_normalise.py --data ../shared/data/cifar10-jpeg.tar.gz \
         --out doc/results/why-normalise-separable-skips.json --change build=separable-skips --change whiten_c1=true
 
-The second is the build without weight standardization (itself a normalisation, of the weights) and
-without skips, with the whitened C1.
+The second is the build without weight standardization (itself a normalisation, of the weights),
+with the whitened C1.
 """
 import argparse
 import math
