@@ -5,8 +5,9 @@
 `C` is a 3x3 conv block (conv -> norm -> ReLU -> dropout), `c` a 1x1 "squeeze" conv block, `P`
 2x2 max-pooling, `GAP` global average pooling, c10 the 1x1 classifier. One `Net` serves every norm:
 Net("bn") is the assignment's network (46,064 parameters), Net("gn", groups=8,
-build="separable-ws-skips") the notebooks' (49,920), Net("none") the same without any norm.
-This file holds modules only; training lives in utils.py.
+build="separable-ws-skips") the notebooks' (49,920), Net("none") the same without any norm (a conv
+bias in place of the norm's shift). `init` picks the starting weights: PyTorch's default, or He's
+(init_weights). This file holds modules only; training lives in utils.py.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm", "none": "no norm"}
+INITS = ("default", "he")     # PyTorch's own init, or He et al. 2015's (init_weights)
 
 # The 10 widths are the output channels of C1 C2 c3 C3 C4 C5 c6 C7 C8 C9, in order.
 BLOCK_NAMES = ("C1", "C2", "c3", "C3", "C4", "C5", "c6", "C7", "C8", "C9")
@@ -89,7 +91,9 @@ def make_norm(norm, channels, groups):
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias) -> norm -> ReLU -> dropout, with an additive skip where the shapes allow."""
+    """conv -> norm -> ReLU -> dropout, with an additive skip where the shapes allow. The conv has a
+    bias only without a norm: a norm subtracts the mean, so a bias before it would do nothing, and
+    its shift takes the bias's place."""
 
     def __init__(self, c_in, c_out, kernel_size, padding, norm, groups, dropout, skip,
                  separable=False, weight_standardization=False):
@@ -97,13 +101,14 @@ class ConvBlock(nn.Module):
         # standardize only the convs that mix channels: a 9-weight depthwise filter at zero mean
         # could only detect edges
         mixing = StdConv2d if weight_standardization else nn.Conv2d
+        bias = norm == "none"
         if separable and kernel_size > 1:
             # a 3x3 filter per input channel, then a 1x1 mix: 9*c_in + c_in*c_out weights
             self.conv = nn.Sequential(
                 nn.Conv2d(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False),
-                mixing(c_in, c_out, 1, bias=False))
+                mixing(c_in, c_out, 1, bias=bias))
         else:
-            self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=False)
+            self.conv = mixing(c_in, c_out, kernel_size, padding=padding, bias=bias)
         self.norm = make_norm(norm, c_out, groups)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(dropout)
@@ -120,12 +125,15 @@ class Net(nn.Module):
     norm:   "bn" (BatchNorm), "ln" (LayerNorm over C,H,W), "gn" (GroupNorm) or "none"
     groups: GroupNorm's group count; must divide every width (ignored by the other norms)
     build:  a name in BUILDS; `overrides` replace single fields of it, e.g. dropout=0.1
+    init:   "default" (PyTorch's) or "he" (init_weights)
     """
 
-    def __init__(self, norm="bn", groups=4, build="reference", num_classes=10, **overrides):
+    def __init__(self, norm="bn", groups=4, build="reference", init="default", **overrides):
         super().__init__()
         if build not in BUILDS:
             raise ValueError(f"unknown build {build!r}: choose one of {sorted(BUILDS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: choose one of {', '.join(map(repr, INITS))}")
         make_norm(norm, 1, 1)                          # an unknown norm fails here, before any layer
         cfg = replace(BUILDS[build], **overrides)
         if len(cfg.widths) != len(BLOCK_NAMES):
@@ -133,7 +141,7 @@ class Net(nn.Module):
                              f"got {len(cfg.widths)}")
         if norm == "gn":
             check_groups(groups, cfg.widths)
-        self.norm_name, self.groups, self.build, self.cfg = norm, groups, build, cfg
+        self.norm_name, self.groups, self.build, self.init, self.cfg = norm, groups, build, init, cfg
         w = dict(zip(BLOCK_NAMES, cfg.widths))
 
         def block(name, c_in, kernel_size, padding):
@@ -155,46 +163,37 @@ class Net(nn.Module):
             ("C8", block("C8", w["C7"], 3, 0)),       # (N, C8, 6, 6)
             ("C9", block("C9", w["C8"], 3, 0)),       # (N, C9, 4, 4)
             ("GAP", nn.AdaptiveAvgPool2d(1)),         # (N, C9, 1, 1)
-            ("c10", nn.Conv2d(w["C9"], num_classes, 1, bias=False)),  # (N, 10, 1, 1)
+            ("c10", nn.Conv2d(w["C9"], 10, 1, bias=False)),  # (N, 10, 1, 1)
         ]))
+        if init == "he":
+            init_weights(self)
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Net expects a batch of RGB images shaped (N, 3, H, W), got {tuple(x.shape)}")
         if min(x.shape[2:]) < self.min_size:
-            raise ValueError(f"Net needs images of at least {self.min_size}x{self.min_size} pixels (two 2x2 poolings, "
-                             f"then C8 and C9), got {x.shape[2]}x{x.shape[3]}: resize them first, e.g. with "
-                             f"torchvision.transforms.Resize(32) (CIFAR-10's size)")
+            raise ValueError(f"Net needs images of at least {self.min_size}x{self.min_size} pixels (two 2x2 "
+                             f"poolings, then C8 and C9), got {x.shape[2]}x{x.shape[3]}: resize them first, "
+                             f"e.g. with torchvision.transforms.Resize(32) (CIFAR-10's size)")
         x = self.layers(x).flatten(1)       # (N, 10)
         return F.log_softmax(x, dim=1)      # log-probabilities
 
 
+@torch.no_grad()
+def init_weights(model):
+    """He et al. 2015's init (normal, fan_in): a conv followed by a ReLU gets variance 2/fan_in, which
+    keeps the spread of the signal from block to block; a depthwise 3x3 (no ReLU before its pointwise
+    conv) and the classifier c10 (none after it) get 1/fan_in. Biases start at 0. PyTorch's default,
+    variance 1/(3 fan_in), shrinks the signal by a constant factor per block, which a norm undoes and
+    a network without one does not."""
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        before_relu = m.groups == 1 and not name.startswith("layers.c10")
+        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu" if before_relu else "linear")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def receptive_field(model, input_size=32):
-    """Walk `model.layers` and return one row per layer: its kernel, stride and padding as the
-    modules define them, the output size, the jump (input pixels between neighbouring outputs)
-    and the receptive field. GAP pools every position, so the receptive field is read at C9."""
-    rows, size, jump, rf = [], input_size, 1, 1
-    for name, layer in model.layers.named_children():
-        op = layer.conv if isinstance(layer, ConvBlock) else layer
-        if isinstance(op, nn.Sequential):      # a separable block: its depthwise 3x3 sets the RF
-            op = op[0]
-        if isinstance(op, nn.AdaptiveAvgPool2d):
-            rows.append(dict(layer=name, kernel="global", stride="-", padding="-", out=1, jump=jump, rf=rf))
-            continue
-        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (op.kernel_size, op.stride, op.padding))
-        size = (size + 2 * p - k) // s + 1
-        rf += (k - 1) * jump
-        jump *= s
-        rows.append(dict(layer=name, kernel=k, stride=s, padding=p, out=size, jump=jump, rf=rf))
-    return rows
-
-
-def format_receptive_field(rows):
-    """The receptive-field table as fixed-width text."""
-    head = f"{'layer':<6}{'kernel':>7}{'stride':>7}{'pad':>5}{'out':>5}{'jump':>6}{'RF':>5}"
-    return "\n".join([head] + [f"{r['layer']:<6}{r['kernel']!s:>7}{r['stride']!s:>7}{r['padding']!s:>5}"
-                               f"{r['out']:>5}{r['jump']:>6}{r['rf']:>5}" for r in rows])

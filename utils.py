@@ -1,8 +1,17 @@
-"""Data, training, evaluation, results files and plots for the S8 notebooks.
+"""Data, training, evaluation, results files and plots for the S8 notebooks, in the order the
+notebooks use them:
 
-Sections: data (load_cifar10, channel_mean_std, Augment, Loader), training (Recipe, fit, the lr range
-test), activations and gradients through depth, results files, plots. Every notebook calls these; nothing
-here is notebook-specific. The report that fills README.md from the results files is benchmarks/report.py.
+- data: load_cifar10, channel_mean_std, class_sample
+- augmentation and loaders: Augment, Loader, make_loaders
+- the recipe and the device: Recipe, recipe_for, pick_device
+- training and evaluation: fit, evaluate, misclassified
+- the learning-rate range test: lr_range_record
+- the network's receptive field
+- results files: save_results, summarize
+- plots
+
+Every notebook calls these; nothing here is notebook-specific. The report that fills README.md from
+the results files is benchmarks/report.py.
 """
 import gzip
 import io
@@ -30,17 +39,22 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from model import NORMS, SPATIAL_BLOCKS, Net, count_parameters
+from model import NORMS, ConvBlock, Net, count_parameters
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}     # CIFAR-10's, 5,000 and 1,000 per class
 DATA_ENV = "S8_DATA"          # points load_cifar10 at a local copy
-HOW_TO_PROVIDE = (f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), or set "
-                  f"{DATA_ENV} (or pass source=) to (1) a folder holding torchvision's 'cifar-10-batches-py', (2) a "
-                  f"folder with train/<class>/*.jpg and test/<class>/*.jpg, or (3) a .tar or .tar.gz of that layout.")
+# Part of every cache file's name: bump it when decoding changes, so that no test or run reads
+# tensors that an older decoder wrote.
+DECODER_VERSION = 2
+HOW_TO_PROVIDE = (f"Provide CIFAR-10 in one of these ways: let torchvision download it (needs internet), "
+                  f"or set {DATA_ENV} (or pass source=) to (1) a folder holding torchvision's "
+                  f"'cifar-10-batches-py', (2) a folder with train/<class>/*.jpg and test/<class>/*.jpg, "
+                  f"or (3) a .tar or .tar.gz of that layout.")
 
 
+# --- Data: CIFAR-10 as uint8 tensors, its statistics, samples of it -------------------------------
 @dataclass
 class CIFAR10:
     """The whole data set as uint8 tensors: images (N, 3, 32, 32), labels (N,) int64."""
@@ -57,20 +71,19 @@ def load_cifar10(source=None, data_dir="data", full=True):
 
     source: None -> $S8_DATA if set, else torchvision's download into `data_dir`; a folder
     (torchvision's pickles, or train/<class>/ and test/<class>/ image files); or a .tar/.tar.gz of
-    the latter. Decoded tensors are cached in `data_dir/cache`, keyed by the path, size and mtime of
-    every file the loader reads. full: check for 50,000 + 10,000 images, 5,000 and 1,000 per class
-    (False loads a deliberately smaller copy)."""
+    the latter. Decoded tensors are cached in `data_dir/cache`, keyed by DECODER_VERSION and the path,
+    size and mtime of every file the loader reads. full: check for 50,000 + 10,000 images, 5,000 and
+    1,000 per class (False loads a deliberately smaller copy). `source` on the result says what the
+    data is (a file's name and kind, never a machine's path), for records and reports."""
     source = source if source is not None else os.environ.get(DATA_ENV) or None
     data_dir = Path(data_dir)
     if source is None:
         folder = _download(data_dir)
-        label = "torchvision download (original CIFAR-10)"
     else:
         folder = Path(source).expanduser()
         if not folder.exists():
             raise FileNotFoundError(f"CIFAR-10 source {str(folder)!r} does not exist. {HOW_TO_PROVIDE}")
-        label = str(folder)
-    cache = data_dir / "cache" / f"cifar10-{_fingerprint(folder)}.pt"
+    cache = data_dir / "cache" / f"cifar10-v{DECODER_VERSION}-{_fingerprint(folder)}.pt"
     saved = None
     if cache.exists():
         try:
@@ -78,13 +91,15 @@ def load_cifar10(source=None, data_dir="data", full=True):
         except Exception:       # a broken cache is rebuilt, never trusted
             cache.unlink()
     if saved is None:
-        splits, classes = _read_source(folder)
+        splits, classes, kind = _read_source(folder)
+        label = "torchvision download (original CIFAR-10)" if source is None else f"{folder.name} ({kind})"
         saved = dict(train_images=splits["train"][0], train_labels=splits["train"][1],
-                     test_images=splits["test"][0], test_labels=splits["test"][1], classes=tuple(classes))
-        _atomic_write(cache, lambda f: torch.save(saved, f), binary=True)
-    data = CIFAR10(**saved, source=label)
+                     test_images=splits["test"][0], test_labels=splits["test"][1], classes=tuple(classes),
+                     source=label)
+        atomic_write(cache, lambda f: torch.save(saved, f), binary=True)
+    data = CIFAR10(**saved)
     if full:
-        _check_sizes(data, label)
+        _check_sizes(data, data.source)
     return data
 
 
@@ -94,9 +109,9 @@ def _check_sizes(data, where):
         expected = SPLIT_SIZES[split] // len(CLASSES)
         if len(labels) != SPLIT_SIZES[split] or any(n != expected for n in per_class):
             raise RuntimeError(
-                f"{where}: the {split} split has {len(labels):,} images ({per_class} per class); CIFAR-10 has "
-                f"{SPLIT_SIZES[split]:,}, {expected:,} per class. The copy is incomplete: fetch it again "
-                f"(or pass full=False to load a deliberately smaller set). {HOW_TO_PROVIDE}")
+                f"{where}: the {split} split has {len(labels):,} images ({per_class} per class); "
+                f"CIFAR-10 has {SPLIT_SIZES[split]:,}, {expected:,} per class. The copy is incomplete: "
+                f"fetch it again (or pass full=False to load a deliberately smaller set). {HOW_TO_PROVIDE}")
 
 
 def _download(data_dir):
@@ -111,7 +126,8 @@ def _download(data_dir):
 
 
 def _fingerprint(path):
-    """The path, size and mtime of every file of a source: any added, removed or rewritten file changes it."""
+    """A source's identity: the path, size and mtime of every file in it (one stat per file, no
+    hashing), so that adding, removing or rewriting any file changes it."""
     path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     parts = [str(path)] + [f"{p.relative_to(path) if p != path else p.name}:{st.st_size}:{st.st_mtime_ns}"
@@ -137,7 +153,7 @@ def _read_source(path):
         return _read_image_tar(path)
     pickles = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
     if (pickles / "batches.meta").exists():
-        return _read_pickles(pickles)
+        return *_read_pickles(pickles), "torchvision's original files"
     if (path / "train").is_dir() and (path / "test").is_dir():
         files = ((p.relative_to(path).parts, p.read_bytes) for p in sorted(path.glob("*/*/*")) if p.is_file())
         return _decode_image_files(files, str(path))
@@ -146,7 +162,8 @@ def _read_source(path):
 
 
 def _check_gzip(path):
-    """Read a .gz to its end, so that gzip checks its CRC and length (tarfile stops at the end marker)."""
+    """Read a gzip file to its end, so that its CRC and length are checked: tarfile alone stops at
+    the archive's end marker and would take a damaged member's bytes as they are."""
     with open(path, "rb") as f:
         if f.read(2) != b"\x1f\x8b":
             return
@@ -199,7 +216,7 @@ def _decode_image_files(files, where):
     for parts, read in files:
         if len(parts) >= 3 and parts[-3] in found and not parts[-1].startswith("."):
             found[parts[-3]].append((parts[-2], "/".join(parts[-3:]), read()))
-    splits = {}
+    splits, suffixes = {}, set()
     for split, items in found.items():
         classes = sorted({c for c, _, _ in items})
         missing = [c for c in CLASSES if c not in classes]
@@ -210,7 +227,8 @@ def _decode_image_files(files, where):
         images = torch.empty(len(items), *IMAGE_SHAPE, dtype=torch.uint8)
         labels = torch.empty(len(items), dtype=torch.int64)
         items.sort(key=lambda item: item[1])          # the same order on every machine
-        for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decoding {split}", mininterval=5, ascii=True)):
+        bar = tqdm(items, desc=f"decoding {split}", mininterval=5, ascii=True)
+        for i, (cls, name, data) in enumerate(bar):
             try:
                 img = decode_rgb(data)
             except (OSError, ValueError) as e:      # PIL's UnidentifiedImageError is an OSError
@@ -221,12 +239,16 @@ def _decode_image_files(files, where):
                 raise RuntimeError(f"{where}: {name} is {img.shape[2]}x{img.shape[1]} pixels; CIFAR-10 "
                                    f"images are 32x32. Point {DATA_ENV} at an unresized copy.")
             images[i], labels[i] = img, CLASSES.index(cls)
+            suffixes.add(Path(name).suffix.lower().lstrip("."))
         splits[split] = (images, labels)
-    return splits, list(CLASSES)
+    formats = " and ".join(sorted("JPEG" if s in ("jpg", "jpeg") else s.upper() for s in suffixes))
+    return splits, list(CLASSES), f"{formats} copy"
 
 
 def decode_rgb(data):
-    """One image file's bytes (JPEG, PNG, ...) as uint8 RGB pixels (3, H, W), decoded by Pillow."""
+    """One image file's bytes (JPEG, PNG, ...) as uint8 RGB pixels, shape (3, H, W). Pillow decodes
+    (torchvision's own decoders are deprecated since 0.29); on the JPEG copy its pixels are exactly
+    torchvision's, all 60,000 images compared."""
     with Image.open(io.BytesIO(data)) as img:
         pixels = np.array(img.convert("RGB"))                 # (H, W, 3); grey or RGBA files too
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -258,13 +280,16 @@ def channel_mean_std(images):
 
 
 def class_sample(labels, per_class=1, seed=0):
-    """Indices of `per_class` random images of each class, in turns of one per class (a grid row each)."""
+    """Indices of `per_class` random images of every class, one of each class in turn (rows of a
+    10-column grid then show every class): a data set stored class by class would otherwise show
+    only its first class."""
     g = torch.Generator().manual_seed(seed)
     picks = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
     picks = [idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks]
     return torch.stack(picks, 1).flatten()          # (per_class * classes,): class 0, 1, ..., 9, 0, 1, ...
 
 
+# --- Augmentation and loaders: batched tensor ops on the device -----------------------------------
 @dataclass
 class Augment:
     """Batched augmentation on normalised float tensors: a horizontal flip with probability `flip`,
@@ -358,31 +383,48 @@ class Loader:
             yield x, y
 
 
+def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None, test_batch_size=None):
+    """Train and test loaders normalised by the (subset) training images; only train shuffles, augments."""
+    train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
+    test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
+    mean, std = channel_mean_std(train_x)
+    # channels_last, like Recipe.make_model's weights: faster convolutions on CPU and GPU, same numbers
+    common = dict(mean=mean, std=std, batch_size=recipe.batch_size, device=device, channels_last=True)
+    train = Loader(train_x, train_y, shuffle=True, augment=recipe.augment, seed=seed, **common)
+    test = Loader(test_x, test_y, **dict(common, batch_size=test_batch_size or recipe.batch_size))
+    return train, test
+
+
+def unaugmented(loader):
+    """The loader's images in order, unaugmented: train accuracy measured the way test accuracy is."""
+    plain = Loader.__new__(Loader)
+    plain.__dict__.update(loader.__dict__, augment=None, shuffle=False)
+    return plain
+
+
+# --- The recipe, and the device it trains on ------------------------------------------------------
 @dataclass
 class Recipe:
     """How a network is trained, in one place: the one recipe all three notebooks train (recipe_for)."""
     build: str = "separable-ws-skips"   # model.BUILDS name
     groups: int = 8               # GroupNorm's group count; the other norms ignore it
-    dropout: float = None         # None: the build's own (0.02)
+    init: str = "default"         # model.INITS: PyTorch's default init, or "he" (model.init_weights)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 0.05              # peak learning rate of the one-cycle schedule
     momentum: float = 0.9
-    momentum_swing: float = 0.0   # > 0: one-cycle moves momentum against the lr within momentum +- swing
     nesterov: bool = True
     weight_decay: float = 5e-4
     decay_norms: bool = False     # weight decay on the norms' scale and shift too
-    label_smoothing: float = 0.0
     warmup: float = 0.25          # fraction of steps spent rising to the peak
-    whiten_c1: bool = False       # start C1's filters from the training patches' whitening (whiten_init)
     ema: float = 0.999            # per-step decay of a moving average of the weights (and BatchNorm's
                                   # statistics) that the model takes before the last test; 0: none
     augment: Augment = field(default_factory=Augment)
 
     def make_model(self, norm):
-        extra = {} if self.dropout is None else {"dropout": self.dropout}
         # channels_last weights, like make_loaders' images: faster on CPU and GPU, same numbers
-        return Net(norm, groups=self.groups, build=self.build, **extra).to(memory_format=torch.channels_last)
+        net = Net(norm, groups=self.groups, build=self.build, init=self.init)
+        return net.to(memory_format=torch.channels_last)
 
 
 def recipe_for(norm):
@@ -415,8 +457,24 @@ def device_name(device):
     return f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
 
 
+def computes_bf16(device):
+    """Whether training on `device` runs in bf16 autocast: on a CUDA GPU with bf16 arithmetic (compute
+    capability 8.0 on: A100, L4, H100). Older GPUs such as the T4 of Colab's free tier only emulate
+    bf16, and cuDNN has no bf16 convolutions for them, so they stay in fp32 like the CPU."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def autocast(device):
+    """bf16 autocast where computes_bf16 (norms and the loss stay in fp32); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=computes_bf16(device))
+
+
+# --- Training and evaluation ----------------------------------------------------------------------
 def make_sgd(model, recipe, lr):
-    """The recipe's SGD; with decay_norms False the norms' scale and shift get no weight decay."""
+    """The recipe's SGD (Nesterov momentum, weight decay) at a constant lr. With recipe.decay_norms
+    False the norms' scale and shift train without weight decay: decay would pull toward zero how
+    strongly each channel speaks, while on a conv before a norm it only changes the step size."""
     params = [p for p in model.parameters() if p.requires_grad]
     spared = set() if recipe.decay_norms else {
         id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
@@ -429,76 +487,42 @@ def make_sgd(model, recipe, lr):
 
 
 def make_optimizer(model, recipe, steps_per_epoch):
-    """make_sgd with a one-cycle lr per batch; momentum swings within momentum +- momentum_swing."""
+    """make_sgd with a one-cycle lr per batch, momentum held at recipe.momentum."""
     opt = make_sgd(model, recipe, recipe.lr)
     # One step more than the batches, so that the step after the last batch stays inside the
     # schedule (OneCycleLR extrapolates past its end) and the reported final lr is the minimum.
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch + 1,
         pct_start=recipe.warmup, anneal_strategy="linear", div_factor=10, final_div_factor=100,
-        cycle_momentum=recipe.momentum_swing > 0,
-        base_momentum=round(recipe.momentum - recipe.momentum_swing, 10),
-        max_momentum=round(recipe.momentum + recipe.momentum_swing, 10))
+        cycle_momentum=False)
     return opt, sched
 
 
-@torch.no_grad()
-def whiten_init(conv, images, n=2000, eps=5e-4):
-    """Start a conv's filters as a whitening of its input patches (cifar10-airbench): for the leading
-    eigenvectors e_i of the covariance of k x k patches of n `images`, filter pairs +-e_i/sqrt(lambda_i),
-    so C1 starts out passing the images' strongest patterns, decorrelated and at equal scale."""
-    if conv.groups != 1 or conv.in_channels != images.shape[1]:
-        raise ValueError(f"whiten_init needs a full conv over the {images.shape[1]} image channels, "
-                         f"got {conv}")
-    # n images evenly spread over the set: a data set stored class by class (the JPEG copy) would
-    # give its first n images from one class
-    sample = images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
-    patches = F.unfold(sample.float(), conv.kernel_size)           # (n, 3*k*k, positions)
-    patches = patches.transpose(1, 2).flatten(0, 1)                # (n*positions, 3*k*k)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))   # ascending
-    m = min(conv.out_channels // 2, len(eigenvalues))
-    filters = eigenvectors[:, -m:].flip(1) / (eigenvalues[-m:].flip(0) + eps).sqrt()  # (3*k*k, m)
-    filters = torch.cat([filters, -filters], 1).T                  # (2m, 3*k*k)
-    conv.weight[:2 * m] = filters.reshape(2 * m, *conv.weight.shape[1:]).to(conv.weight)
-
-
-def computes_bf16(device):
-    """Whether `device` trains in bf16 autocast: CUDA with bf16 arithmetic (A100, L4, H100; no T4)."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def _autocast(device):
-    """bf16 autocast where computes_bf16 (norms and the loss stay in fp32); plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=computes_bf16(device))
-
-
-def batch_loss(model, x, y, label_smoothing=0.0):
+def batch_loss(model, x, y):
     """(loss, log-probabilities) of model on the batch (x, y); the loss is not yet detached."""
-    with _autocast(x.device):
+    with autocast(x.device):
         log_probs = model(x)
-    loss = F.nll_loss(log_probs.float(), y) if label_smoothing == 0 else \
-        F.cross_entropy(log_probs.float(), y, label_smoothing=label_smoothing)
-    return loss, log_probs
+    return F.nll_loss(log_probs.float(), y), log_probs
 
 
-def train_step(model, x, y, optimizer, label_smoothing=0.0):
+def train_step(model, x, y, optimizer):
     """One optimizer step on the batch (x, y); returns (loss, log-probabilities), loss not yet detached."""
-    loss, log_probs = batch_loss(model, x, y, label_smoothing)
+    loss, log_probs = batch_loss(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss, log_probs
 
 
-def train_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, averaged=None):
-    """One pass over loader, updating `averaged` (an AveragedModel) each step; (mean loss, accuracy %)."""
+def train_epoch(model, loader, optimizer, scheduler=None, averaged=None):
+    """One pass over loader; returns (mean loss, accuracy %). Sums stay on the device: one sync.
+    `averaged` (torch's AveragedModel of model), if given, is updated after every step."""
     model.train()
     device = loader.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader:
-        loss, log_probs = train_step(model, x, y, optimizer, label_smoothing)
+        loss, log_probs = train_step(model, x, y, optimizer)
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
@@ -514,7 +538,7 @@ def predict(model, loader):
     """(log-probabilities, labels) for every image of loader, in the order the loader yields them."""
     model.eval()
     outputs, labels = [], []
-    with _autocast(loader.device):
+    with autocast(loader.device):
         for x, y in loader:
             outputs.append(model(x).float())
             labels.append(y)
@@ -531,10 +555,8 @@ def evaluate(model, loader):
 def fit(model, train_loader, test_loader, recipe, progress=True):
     """Train for recipe.epochs with one tqdm bar and one printed line per epoch; returns the history
     (per epoch: train/test loss and accuracy %, the lr at its end, its seconds). Train accuracy is the
-    running figure over augmented batches. With recipe.whiten_c1, C1 starts whitened; with recipe.ema,
+    running figure over augmented batches. With recipe.ema,
     the last test is of the moving average of the weights (and BatchNorm's statistics)."""
-    if recipe.whiten_c1:
-        whiten_init(model.layers.C1.conv, train_loader.images)
     optimizer, scheduler = make_optimizer(model, recipe, len(train_loader))
     averaged = None
     if recipe.ema:
@@ -546,8 +568,7 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
                mininterval=0, ascii=True, dynamic_ncols=False, ncols=100)
     for epoch in bar:
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler,
-                                            recipe.label_smoothing, averaged)
+        train_loss, train_acc = train_epoch(model, train_loader, optimizer, scheduler, averaged)
         if averaged is not None and epoch == recipe.epochs:
             model.load_state_dict(averaged.module.state_dict())
         test_loss, test_acc = evaluate(model, test_loader)
@@ -564,39 +585,63 @@ def fit(model, train_loader, test_loader, recipe, progress=True):
     return history
 
 
-def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, stop_factor=4.0,
-                  smoothing=0.98, progress=True):
+def misclassified(model, loader, n=10):
+    """Indices, predicted and true labels of n test images the model gets wrong, one per true class
+    in turn (a data set stored class by class would otherwise show errors of its first class)."""
+    if loader.shuffle:
+        raise ValueError("misclassified needs a loader that does not shuffle, so that indices "
+                         "point at its images: pass the test loader")
+    log_probs, labels = predict(model, loader)
+    pred = log_probs.argmax(1)
+    wrong = (pred != labels).nonzero().flatten()
+    per_class = [wrong[labels[wrong] == c] for c in labels[wrong].unique()]
+    # round-robin: the first error of every class, then the second of every class, ...
+    turns = [errors[k] for k in range(max(map(len, per_class), default=0))
+             for errors in per_class if k < len(errors)]
+    picked = torch.stack(turns[:n]) if turns else wrong
+    return picked.cpu(), pred[picked].cpu(), labels[picked].cpu()
+
+
+# --- The learning-rate range test -----------------------------------------------------------------
+LR_RANGE_STOP = 4.0          # the range test stops once its smoothed loss exceeds 4x its lowest
+LR_RANGE_SMOOTHING = 0.98    # the decay of its moving average of the loss (about 50 steps)
+
+
+def lr_range_test(model, loader, recipe, lr_min=1e-3, lr_max=10.0, steps=400, progress=True):
     """Leslie Smith's learning-rate range test: train `model` (pass a fresh one) with the recipe's SGD
     for up to `steps` batches, the lr growing geometrically from lr_min to lr_max, recording each
-    step's loss; stop once the smoothed loss exceeds stop_factor x its minimum. Returns the curve and
+    step's loss; stop once the smoothed loss exceeds LR_RANGE_STOP x its minimum. Returns the curve and
     lr_at_min (lowest smoothed loss) and lr_steepest (fastest fall per decade of lr)."""
     if not 0 < lr_min < lr_max:
         raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
     if steps < 3:
         raise ValueError(f"steps={steps}: the test needs at least 3 steps to read a slope")
     optimizer = make_sgd(model, recipe, lr_min)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=(lr_max / lr_min) ** (1 / (steps - 1)))
+    growth = (lr_max / lr_min) ** (1 / (steps - 1))                   # per step
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=growth)
     model.train()
     lrs, losses, smoothed = [], [], []
     average, lowest = 0.0, math.inf
-    batches = (batch for _ in itertools.count() for batch in loader)   # the loader's epochs, one after another
+    # the loader's epochs, one after another
+    batches = (batch for _ in itertools.count() for batch in loader)
     bar = tqdm(total=steps, desc="lr range test", unit="step", disable=not progress,
                ascii=True, dynamic_ncols=False, ncols=100)
     for step, (x, y) in zip(range(steps), batches):
         lrs.append(scheduler.get_last_lr()[0])
-        loss, _ = train_step(model, x, y, optimizer, recipe.label_smoothing)
+        loss, _ = train_step(model, x, y, optimizer)
         scheduler.step()
         losses.append(loss.item())
         # an exponential moving average, debiased for its zero start (as fastai's finder does)
-        average = smoothing * average + (1 - smoothing) * losses[-1]
-        smoothed.append(average / (1 - smoothing ** (step + 1)))
+        average = LR_RANGE_SMOOTHING * average + (1 - LR_RANGE_SMOOTHING) * losses[-1]
+        smoothed.append(average / (1 - LR_RANGE_SMOOTHING ** (step + 1)))
         bar.update()
-        bar.set_postfix(lr=f"{lrs[-1]:.3g}", loss=f"{smoothed[-1]:.3f}", refresh=False)   # redrawn at the bar's own pace
-        if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * lowest:
+        # refresh=False: redrawn at the bar's own pace, not at every step
+        bar.set_postfix(lr=f"{lrs[-1]:.3g}", loss=f"{smoothed[-1]:.3f}", refresh=False)
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > LR_RANGE_STOP * lowest:
             break
         lowest = min(lowest, smoothed[-1])
     bar.close()
-    lr_at_min, lr_steepest = read_lr_range(lrs, smoothed, span=round(1 / (1 - smoothing)))
+    lr_at_min, lr_steepest = read_lr_range(lrs, smoothed, span=round(1 / (1 - LR_RANGE_SMOOTHING)))
     return dict(lr=lrs, loss=losses, smoothed=smoothed, lr_at_min=lr_at_min, lr_steepest=lr_steepest,
                 stopped_early=len(lrs) < steps)
 
@@ -623,8 +668,6 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
         net = recipe.make_model(norm).to(device)
-        if recipe.whiten_c1:      # the network starts as fit starts it
-            whiten_init(net.layers.C1.conv, train_loader.images)
         result = lr_range_test(net, train_loader, recipe, lr_min=lr_min, lr_max=lr_max, steps=steps,
                                progress=progress)
     return dict(norm=norm, build=recipe.build, params=count_parameters(net),
@@ -633,69 +676,38 @@ def lr_range_record(data, norm, recipe, device, seed=1, steps=400, lr_min=1e-3, 
                 seconds=round(time.perf_counter() - start, 1), **result)
 
 
-def make_loaders(data, recipe, device, seed=1, train_subset=None, test_subset=None,
-                 channels_last=True, test_batch_size=None):
-    """Train and test loaders normalised by the (subset) training images; only train shuffles, augments."""
-    train_x, train_y = subset(data.train_images, data.train_labels, train_subset, seed)
-    test_x, test_y = subset(data.test_images, data.test_labels, test_subset, seed)
-    mean, std = channel_mean_std(train_x)
-    common = dict(mean=mean, std=std, batch_size=recipe.batch_size, device=device,
-                  channels_last=channels_last)
-    train = Loader(train_x, train_y, shuffle=True, augment=recipe.augment, seed=seed, **common)
-    test = Loader(test_x, test_y, **dict(common, batch_size=test_batch_size or recipe.batch_size))
-    return train, test
+# --- The network's receptive field ----------------------------------------------------------------
+def receptive_field(model, input_size=32):
+    """Walk `model.layers` and return one row per layer: its kernel, stride and padding as the
+    modules define them, the output size, the jump (input pixels between neighbouring outputs)
+    and the receptive field. GAP pools every position, so the receptive field is read at C9."""
+    rows, size, jump, rf = [], input_size, 1, 1
+    for name, layer in model.layers.named_children():
+        op = layer.conv if isinstance(layer, ConvBlock) else layer
+        if isinstance(op, nn.Sequential):      # a separable block: its depthwise 3x3 sets the RF
+            op = op[0]
+        if isinstance(op, nn.AdaptiveAvgPool2d):
+            rows.append(dict(layer=name, kernel="global", stride="-", padding="-", out=1, jump=jump, rf=rf))
+            continue
+        k, s, p = (v[0] if isinstance(v, tuple) else v for v in (op.kernel_size, op.stride, op.padding))
+        size = (size + 2 * p - k) // s + 1
+        rf += (k - 1) * jump
+        jump *= s
+        rows.append(dict(layer=name, kernel=k, stride=s, padding=p, out=size, jump=jump, rf=rf))
+    return rows
 
 
-def unaugmented(loader):
-    """The loader's images in order, unaugmented: train accuracy measured the way test accuracy is."""
-    plain = Loader.__new__(Loader)
-    plain.__dict__.update(loader.__dict__, augment=None, shuffle=False)
-    return plain
+def format_receptive_field(rows):
+    """The receptive-field table as fixed-width text."""
+    head = f"{'layer':<6}{'kernel':>7}{'stride':>7}{'pad':>5}{'out':>5}{'jump':>6}{'RF':>5}"
+    return "\n".join([head] + [f"{r['layer']:<6}{r['kernel']!s:>7}{r['stride']!s:>7}{r['padding']!s:>5}"
+                               f"{r['out']:>5}{r['jump']:>6}{r['rf']:>5}" for r in rows])
 
 
-def misclassified(model, loader, n=10):
-    """Indices, predicted and true labels of n misclassified images, one per true class in turn."""
-    if loader.shuffle:
-        raise ValueError("misclassified needs a loader that does not shuffle, so that indices "
-                         "point at its images: pass the test loader")
-    log_probs, labels = predict(model, loader)
-    pred = log_probs.argmax(1)
-    wrong = (pred != labels).nonzero().flatten()
-    per_class = [wrong[labels[wrong] == c] for c in labels[wrong].unique()]
-    # round-robin: the first error of every class, then the second of every class, ...
-    turns = [errors[k] for k in range(max(map(len, per_class), default=0))
-             for errors in per_class if k < len(errors)]
-    picked = torch.stack(turns[:n]) if turns else wrong
-    return picked.cpu(), pred[picked].cpu(), labels[picked].cpu()
-
-
-def depth_stats(model, x, y):
-    """Per 3x3 block (C1 ... C9) on one batch: the std of the block's output (a forward hook) and the
-    norm of the loss's gradient for the block's conv weights (hooks run as each gradient is accumulated).
-    One forward and backward pass in train mode, no step (BatchNorm's running averages do take the batch in)."""
-    act_std, grad_sq, handles = {}, dict.fromkeys(SPATIAL_BLOCKS, 0.0), []
-    for name in SPATIAL_BLOCKS:
-        block = getattr(model.layers, name)
-        handles.append(block.register_forward_hook(
-            lambda _m, _inp, out, name=name: act_std.__setitem__(name, out.detach().float().std().item())))
-        handles += [p.register_post_accumulate_grad_hook(
-            lambda p, name=name: grad_sq.__setitem__(name, grad_sq[name] + p.grad.float().pow(2).sum().item()))
-            for p in block.conv.parameters()]
-    model.train()
-    model.zero_grad(set_to_none=True)
-    try:
-        loss, _ = batch_loss(model, x, y)
-        loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-    return dict(blocks=list(SPATIAL_BLOCKS), act_std=[act_std[n] for n in SPATIAL_BLOCKS],
-                grad_norm=[math.sqrt(grad_sq[n]) for n in SPATIAL_BLOCKS], loss=loss.item())
-
-
-def _atomic_write(path, write, binary=False):
-    """Write a file whole or not at all (temporary file, then rename), permissions 0666 less the umask."""
+# --- Results files --------------------------------------------------------------------------------
+def atomic_write(path, write, binary=False):
+    """Write a file whole or not at all: into a temporary file beside it, then rename. The file
+    gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -718,9 +730,9 @@ def save_results(path, norm, params, device, data, seed, history, **extra):
     return save_json(path, record)
 
 
-def save_json(path, obj, indent=1):
+def save_json(path, obj):
     """Write obj as JSON, whole or not at all; returns obj."""
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=indent))
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1))
     return obj
 
 
@@ -737,6 +749,29 @@ def summarize(history):
                 seconds_per_epoch=round(sum(h["seconds"] for h in history) / len(history), 1))
 
 
+def arm_label(run):
+    """A why_normalise run's arm in words: its norm, and for no norm its init ('no norm, He init')."""
+    init = {"he": "He init", "default": "default init"}[run["init"]]
+    return NORMS[run["norm"]] + (f", {init}" if run["norm"] == "none" else "")
+
+
+def lr_tolerance(runs):
+    """benchmarks/why_normalise.py's runs per arm (arm_label): {lr: final test accuracies over the
+    seeds}, the best lr by mean accuracy, and the largest lr at which every seed trained (ended above
+    its threshold with finite losses; None if no lr did)."""
+    arms = {}
+    for r in runs:
+        arms.setdefault(arm_label(r), []).append(r)
+    table = {}
+    for label, mine in arms.items():
+        finals = {lr: [r["final"] for r in mine if r["lr"] == lr] for lr in sorted({r["lr"] for r in mine})}
+        trained = [lr for lr in finals if all(r["trained"] for r in mine if r["lr"] == lr)]
+        best = max(finals, key=lambda lr: np.mean(finals[lr]))
+        table[label] = dict(finals=finals, best=best, best_acc=float(np.mean(finals[best])),
+                            largest_trained=max(trained, default=None), params=mine[0]["params"])
+    return table
+
+
 def figure_dir(quick):
     """doc/ for a full run; one reused scratch folder for a quick (CI) run, so doc/ is never touched."""
     folder = Path(tempfile.gettempdir()) / "s8-quick" if quick else Path("doc")
@@ -744,10 +779,11 @@ def figure_dir(quick):
     return folder
 
 
-def _finish(fig, path):
+# --- Plots ----------------------------------------------------------------------------------------
+def save_figure(fig, path):
     """Save with a fixed dpi and no software stamp, so reruns give the same bytes; whole or not at all."""
     if path is not None:
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
                                                   metadata={"Software": None}), binary=True)
     return fig
 
@@ -756,7 +792,8 @@ def show_images(images, labels=None, classes=CLASSES, captions=None, nrows=4, nc
                 title=None):
     """A grid of uint8 images (N, 3, H, W), captioned by class name, or by `captions` if given."""
     lines = max((str(c).count("\n") + 1 for c in captions), default=1) if captions is not None else 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, (1.3 + 0.2 * lines) * nrows + (0.4 if title else 0)))
+    height = (1.3 + 0.2 * lines) * nrows + (0.4 if title else 0)       # room for each caption's lines
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, height))
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if i >= len(images):
@@ -769,7 +806,7 @@ def show_images(images, labels=None, classes=CLASSES, captions=None, nrows=4, nc
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def denormalize(x, mean, std):
@@ -788,8 +825,8 @@ def plot_history(history, title="", averaged_last=False, path=None):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, ms=3, label=split)
         ax_acc.plot(epochs, [h[f"{split}_acc"] for h in history], style, ms=3, label=split)
     if averaged_last:
-        ax_acc.plot(epochs[-1], history[-1]["test_acc"], "*", ms=12, color="C3", label="test, weight average")
-        ax_loss.plot(epochs[-1], history[-1]["test_loss"], "*", ms=12, color="C3", label="test, weight average")
+        for ax, key in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
+            ax.plot(epochs[-1], history[-1][key], "*", ms=12, color="C3", label="test, weight average")
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title} loss".strip())
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title} accuracy".strip())
     ax_acc.axhline(70, color="grey", lw=0.8, ls="--")
@@ -798,32 +835,7 @@ def plot_history(history, title="", averaged_last=False, path=None):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    return _finish(fig, path)
-
-
-def plot_depth(record, path=None):
-    """Two panels from benchmarks/why_normalise.py's record: each 3x3 block's output std and weight
-    gradient norm, a line per norm (mean over seeds), dashed at initialisation, solid trained; log scale."""
-    shown = {}
-    for norm in record["norms"]:
-        # the recipe's peak lr, unless every run there stayed at chance: then the lower lr it was rerun at
-        at_peak = [r for r in record["runs"] if r["norm"] == norm and r["lr"] == record["recipe_lr"]]
-        lower = [r for r in record["runs"] if r["norm"] == norm and r["lr"] != record["recipe_lr"]]
-        shown[norm] = lower if lower and all(r["at_chance"] for r in at_peak) else at_peak
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for (key, label), ax in zip((("act_std", "std of the block's output"),
-                                 ("grad_norm", "gradient norm of the block's conv weights")), axes):
-        for k, (norm, runs) in enumerate(shown.items()):
-            for when, style in (("init", "--"), ("trained", "-o")):
-                y = np.mean([r[when][key] for r in runs], axis=0)
-                off = "" if (y > 0).any() else f" ({'NaN' if np.isnan(y).any() else 'zero'}: off the log scale)"
-                ax.plot(record["blocks"], y, style, color=f"C{k}", ms=3,
-                        label=f"{NORMS[norm]}, {'at init' if when == 'init' else 'trained'}{off}")
-        ax.set(yscale="log", xlabel="block (input side to output side)", ylabel=label, title=label)
-        ax.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def show_augmentations(images, augment, mean, std, seed=0, path=None):
@@ -833,7 +845,8 @@ def show_augmentations(images, augment, mean, std, seed=0, path=None):
              "flip": Augment(flip=1, rotate_p=0),
              f"rotate ±{augment.rotate_deg or 10:g}°": Augment(flip=0, rotate_deg=augment.rotate_deg or 10,
                                                             rotate_p=1),
-             f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, rotate_p=0, crop_pad=augment.crop_pad or 4),
+             f"crop, pad {augment.crop_pad or 4}": Augment(flip=0, rotate_p=0,
+                                                          crop_pad=augment.crop_pad or 4),
              "recipe": augment}
     rows = []
     for name, aug in parts.items():
@@ -871,29 +884,4 @@ def plot_lr_range(records, path=None):
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    return _finish(fig, path)
-
-
-def plot_norm_methods(path=None):
-    """Which entries of an (N, C, H*W) activation each norm pools one mean and variance over."""
-    n, c, hw, groups = 4, 6, 4, 3
-    chosen = {
-        "BatchNorm": lambda i, j: j == 0,                        # one channel, all samples
-        "LayerNorm": lambda i, j: i == 0,                        # one sample, all channels
-        "GroupNorm": lambda i, j: i == 0 and j < c // groups,    # one sample, one group of channels
-    }
-    fig = plt.figure(figsize=(12, 4.2))
-    for k, (name, picks) in enumerate(chosen.items()):
-        ax = fig.add_subplot(1, 3, k + 1, projection="3d")
-        colors = np.empty((n, c, hw), dtype=object)
-        for i, j in itertools.product(range(n), range(c)):
-            colors[i, j, :] = "#4a90d9" if picks(i, j) else "#eeeeee"
-        ax.voxels(np.ones((n, c, hw), dtype=bool), facecolors=colors, edgecolors="#555555", linewidth=0.4)
-        ax.set(xlabel="N (samples)", ylabel="C (channels)", xticks=[], yticks=[], zticks=[])
-        ax.set_zlabel("H, W", labelpad=-4)
-        ax.view_init(elev=20, azim=-60)
-        ax.set_box_aspect(None, zoom=0.8)          # room for the axis labels inside the panel
-        ax.set_title(name, fontsize=13)
-    fig.suptitle("Blue: the values that share one mean and variance", fontsize=11, y=1.02)
-    fig.tight_layout()
-    return _finish(fig, path)
+    return save_figure(fig, path)

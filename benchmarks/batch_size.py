@@ -2,18 +2,19 @@
 
 BatchNorm normalises with statistics pooled over the batch; at batch 2 they are those of two images,
 noisy in training and unlike the running averages it tests with. LayerNorm and GroupNorm normalise
-each image on its own, so their arithmetic does not change with the batch. This script trains each
-norm's notebook recipe at several batch sizes and writes one JSON line per run.
+each image on its own, so their arithmetic does not change with the batch. This script trains the
+notebooks' build and recipe (utils.recipe_for: the same for every norm) with each norm at several
+batch sizes and writes one JSON line per run.
 
 To keep a sweep affordable on a CPU, every run is short and identical apart from the batch: the
 first `--train-subset` training images (utils.subset with the seed), `--epochs` epochs, the full test
 set. The learning rate follows the linear scaling rule, recipe lr x batch / 64 (the notebooks train
 at batch 64), as GroupNorm's paper did, so every batch size takes the same noise per image; the
 moving average of the weights is off (`ema=0`: a short run at a large batch takes too few steps for
-it to forget its random start), the rest is the notebook recipe. Runs already in --out are skipped, so
-a cut-off sweep resumes where it stopped.
+it to forget its random start), the rest is the notebooks' recipe. Runs already in --out are skipped,
+so a cut-off sweep resumes where it stopped.
 
-    for seed in 1 2 3; do python benchmarks/batch_size.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+    for seed in 1 2; do python benchmarks/batch_size.py --data DATA \\
         --out doc/results/batch-size.jsonl --seed $seed; done
 """
 import argparse
@@ -29,8 +30,8 @@ import utils  # noqa: E402
 
 
 def batch_recipe(norm, batch_size, epochs):
-    """The norm's notebook recipe at `batch_size`, lr scaled linearly from the notebook's own batch (64 today),
-    no weight average."""
+    """The notebooks' recipe for `norm` at `batch_size`, lr scaled linearly from the notebooks' own
+    batch (64 today), no weight average."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: a batch holds at least one image; choose 1 or more")
     recipe = utils.recipe_for(norm)
@@ -45,7 +46,8 @@ def run(data, norm, batch_size, epochs, train_subset, seed, device, progress=Fal
     model = recipe.make_model(norm).to(device)
     train, test = utils.make_loaders(data, recipe, device, seed=seed, train_subset=train_subset,
                                      test_batch_size=500)
-    return dict(norm=norm, batch_size=batch_size, base_batch=base, seed=seed, epochs=epochs,
+    return dict(norm=norm, build=recipe.build, batch_size=batch_size, base_batch=base, seed=seed,
+                epochs=epochs,
                 train_subset=train_subset, lr=recipe.lr, data=data.source, recipe=utils.recipe_dict(recipe),
                 **records.fit_record(model, train, test, recipe, progress=progress))
 
@@ -57,8 +59,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON-lines file each run's record is appended to")
     p.add_argument("--norms", default="bn,gn,ln")
     p.add_argument("--batches", default="2,4,8,16,32,64", help="comma-separated batch sizes")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--train-subset", type=int, default=20000, help="training images per run")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-subset", type=int, default=8000, help="training images per run")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     a = p.parse_args(argv)

@@ -38,7 +38,7 @@ sweep() { timeout $(left) python3 benchmarks/sweep.py $SW "$@" 2>&1 | grep -v -i
 sweep --out "$DEST/seeds.jsonl" --notebook-seeds 2,3 --workers 6 > $LOGS/seeds.log &
 sweep --out "$DEST/reference.jsonl" --notebook-seeds 1,2,3 --change build=reference --name reference --workers 9 \
   > $LOGS/reference.log &
-timeout $(left) python3 benchmarks/why_normalise.py --data "$DATA" --out "$DEST/why-normalise.json" $WHY \
+timeout $(left) python3 benchmarks/why_normalise.py --data "$DATA" --out "$DEST/why-normalise-lr.jsonl" --workers 8 $WHY \
   > $LOGS/why.log 2>&1 &
 pids=()
 for nb in S8_BatchNorm S8_LayerNorm S8_GroupNorm; do

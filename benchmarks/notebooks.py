@@ -3,6 +3,8 @@ cells in the same order, with only the norm's own text and code between them. Ou
 empty; execute the notebooks afterwards (README, "How to run").
 
     python benchmarks/notebooks.py --force     # erases the executed outputs: execute them again after
+    python benchmarks/notebooks.py --sources   # text changes only: the executed outputs stay
+    python benchmarks/notebooks.py --rerun     # and execute the cells marked in RERUN again, alone
 """
 import argparse
 import os
@@ -30,6 +32,23 @@ if missing:  # torch and torchvision are never reinstalled: Colab's own are used
     %%pip install -q {" ".join(missing)}''' % REPO_URL
 
 
+# Cells executed again on their own after the notebooks' last full run (main(--rerun)): the markdown
+# before each says so. Empty it when the notebooks are next executed whole.
+RERUN = {"figure": "the figure was redrawn", "by_hand_bn": "the check now covers eval mode too",
+         "why": "the study it reads was redone"}
+RERUN_MARK = "Executed again on its own"
+# The code cells a re-executed cell needs first: the setup, the imports, the data and the loaders.
+RERUN_NEEDS = ("# Setup:", "import dataclasses", "data = utils.load_cifar10()", "train_loader, test_loader =")
+
+
+def rerun_note(key):
+    """The sentence that tells a reader a cell's outputs are not the full run's ("" if they are)."""
+    if key not in RERUN:
+        return ""
+    return (f"\n\n*{RERUN_MARK} on 2026-12-07, in a fresh kernel on a CPU after the setup, data and loader "
+            f"cells, because {RERUN[key]}; every other output in this notebook is the GPU run's.*")
+
+
 def by_hand(comment, statistics):
     """A norm's by-hand check: the same probe of C2's feature map, then that norm's statistics."""
     return f"# NBVAL_CHECK_OUTPUT\n{comment}\n{PROBE}{statistics}"
@@ -51,16 +70,20 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_c}{\sqrt{\sigma_c^2+\epsilon}} +
 
 **Learnable parameters:** a scale $\gamma_c$ and a shift $\beta_c$ per channel, $2C$ per layer. It also keeps two *buffers* that are not learned: a running mean and a running variance.
 
-**Train vs test.** In training it normalises with the statistics of the current batch and updates the running averages (momentum 0.1). In `eval()` mode it uses the running averages, so a test image's output does not depend on the other images in its batch. The two modes differ, which is why `model.eval()` matters.
+**Train vs test.** In training it normalises with the statistics of the current batch and updates the running averages (momentum 0.1). In `eval()` mode it uses the running averages, so a test image's output does not depend on the other images in its batch. The two modes differ, which is why `model.eval()` matters: the README's "BatchNorm at test time" measures what a trained network scores when it is tested in train mode, on shuffled batches and on batches of one class.
 
 **Batch size 1.** In training, the statistics of one image's H×W positions are noisy and the batch no longer regularises; with a 1×1 map PyTorch refuses (one value per channel has no variance). At test time batch size 1 is fine: the running averages are used.
 
-The figure shows which values share one mean and variance for each of the three norms.""",
+The figure shows which values share one mean and variance for each norm, InstanceNorm (GroupNorm with G = C) beside them.""",
                by_hand=by_hand("# BatchNorm by hand on a real feature map: mean and variance over (N, H, W), per channel.", """    mean = feat.mean(dim=(0, 2, 3), keepdim=True)             # (1, 32, 1, 1)
     var = feat.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
     by_hand = (feat - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     print("feature map", tuple(feat.shape), "-> statistics", tuple(mean.shape))
-    print("matches nn.BatchNorm2d in train mode:", torch.allclose(by_hand, layer(feat), atol=1e-4))""")),
+    print("matches nn.BatchNorm2d in train mode:", torch.allclose(by_hand, layer(feat), atol=1e-4))
+    # that call moved the running averages a tenth of the way to this batch's statistics; eval() uses them
+    running = (feat - layer.running_mean.view(1, -1, 1, 1)) / torch.sqrt(layer.running_var.view(1, -1, 1, 1) + layer.eps)
+    by_hand = running * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    print("matches it in eval mode, on the running averages:", torch.allclose(by_hand, layer.eval()(feat), atol=1e-4))""")),
     "ln": dict(axes=r"""## Normalisation: LayerNorm
 
 **Axes.** For an activation of shape (N, C, H, W), LayerNorm computes one mean $\mu_n$ and one variance $\sigma_n^2$ **per sample**, over all channels and positions: axes **(C, H, W)**.
@@ -73,7 +96,7 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_n}{\sqrt{\sigma_n^2+\epsilon}} +
 
 **Batch size 1.** Works the same at any batch size, 1 included, because no statistic crosses samples.
 
-The figure shows which values share one mean and variance for each of the three norms.""",
+The figure shows which values share one mean and variance for each norm, InstanceNorm (GroupNorm with G = C) beside them.""",
                by_hand=by_hand("# LayerNorm by hand on a real feature map: mean and variance over (C, H, W), per sample.", """    mean = feat.mean(dim=(1, 2, 3), keepdim=True)             # (N, 1, 1, 1)
     var = feat.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
     by_hand = (feat - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
@@ -92,7 +115,7 @@ $$y_{n,c,h,w} = \gamma_c\,\frac{x_{n,c,h,w}-\mu_{n,g(c)}}{\sqrt{\sigma_{n,g(c)}^
 
 **Batch size 1.** Works the same at any batch size, because no statistic crosses samples.
 
-The figure shows which values share one mean and variance for each of the three norms.""",
+The figure shows which values share one mean and variance for each norm, InstanceNorm (GroupNorm with G = C) beside them.""",
                by_hand=by_hand("# GroupNorm by hand on a real feature map: mean and variance over (C/G, H, W), per sample and group.", """    groups = feat.reshape(len(feat), layer.num_groups, -1)    # (N, G, 32/G * 32 * 32)
     mean = groups.mean(dim=-1, keepdim=True)                  # (N, G, 1)
     var = groups.var(dim=-1, keepdim=True, unbiased=False)
@@ -118,9 +141,11 @@ Run it top to bottom (*Runtime → Run all* in Colab, on a GPU). The first cell 
 from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import Image, display
 from torchsummary import summary
 import utils
-from model import count_parameters, format_receptive_field, receptive_field
+from model import count_parameters
+from utils import format_receptive_field, receptive_field
 
 NORM = "{norm}"
 SEED = 1
@@ -162,7 +187,7 @@ plt.show()"""),
 
 `model.Net` builds the layout `C1 C2 c3 P1 C3 C4 C5 c6 P2 C7 C8 C9 GAP c10`: 3x3 blocks (conv → norm → ReLU → dropout) expand the channels, 1x1 blocks (c3, c6) squeeze them before each max-pool, global average pooling and a 1x1 conv classify.
 
-The assignment's network, `build="reference"`, has 46,064 parameters, all in full convolutions. This notebook trains **`recipe.build`** instead, the same layout with two changes that cost no parameters beyond the budget. From C3 on, every 3x3 block is *depthwise-separable*: a 3x3 filter per input channel, then a 1x1 convolution that mixes the channels. That costs 9·C_in + C_in·C_out weights instead of 9·C_in·C_out, so the budget buys two to three times the width at 16x16 and 8x8, where this small network is short of capacity. And blocks that keep their input's shape (c3, C4, C5) add it back, `x + block(x)`, which gives the gradient a short path. The README compares both networks with the same recipe.
+The assignment's network, `build="reference"`, has 46,064 parameters, all in full convolutions. This notebook trains **`recipe.build`** instead, the same layout with three changes that cost no parameters beyond the budget. From C3 on, every 3x3 block is *depthwise-separable*: a 3x3 filter per input channel, then a 1x1 convolution that mixes the channels. That costs 9·C_in + C_in·C_out weights instead of 9·C_in·C_out, so the budget buys two to three times the width at 16x16 and 8x8, where this small network is short of capacity. Blocks that keep their input's shape (c3, C4, C5) add it back, `x + block(x)`, which gives the gradient a short path. And every conv that mixes channels uses *weight standardization* (`model.StdConv2d`, the "ws" in the name): it uses each filter at zero mean and unit variance, whatever its raw weights are. That is a normaliser too, of the weights rather than the activations, and it works alongside the norm this notebook is about. The README compares both networks with the same recipe.
 
 The summary runs on a fresh model before anything is seeded, because torchsummary's own forward pass would move BatchNorm's running statistics and the random generator."""),
         code("""# NBVAL_CHECK_OUTPUT
@@ -178,13 +203,11 @@ The same for all three notebooks, one object: `utils.recipe_for(NORM)`.
 - **SGD** with Nesterov momentum 0.9 and weight decay 5e-4, **batch 64**. The norms' own scale and shift get no weight decay (`decay_norms=False`): on a conv followed by a norm, decay only changes the step size, but on the norm's scale it would pull each channel's voice toward zero.
 - **One-cycle learning rate**, stepped every batch: up to the peak (0.05) over the first quarter of the steps, then down to almost zero.
 - **Regularisation:** weight decay, Dropout(0.02) after every block, the augmentation above. The network is small and fits the training set only a little better than the test set, so stronger regularisation cost accuracy in the trials.
-- **C1 starts as a whitening** of 3x3 patches of the training images (`whiten_c1`, from cifar10-airbench), when the build has no weight standardization to undo it.
 - **A moving average of the weights** (`ema=0.999`) is what the last epoch tests: it smooths out the noise of the last steps. The last point of the curves below is that average."""),
         code("print(recipe)"),
-        md(text["axes"]),
-        code("""utils.plot_norm_methods(path=DOC / "norm_methods.png")
-plt.show()"""),
-        md("""**The same thing by hand.** Take a real feature map (C2's convolution output for a test batch) and compute the normalisation with plain tensor ops: mean and variance over the axes above, then the layer's scale and shift. It must match the layer's own output."""),
+        md(text["axes"] + rerun_note("figure")),
+        code("""display(Image("doc/norm_methods.png"))   # drawn by benchmarks/report.py"""),
+        md("""**The same thing by hand.** Take a real feature map (C2's convolution output for a test batch) and compute the normalisation with plain tensor ops: mean and variance over the axes above, then the layer's scale and shift. It must match the layer's own output.""" + (rerun_note("by_hand_bn") if norm == "bn" else "")),
         code("""train_loader, test_loader = utils.make_loaders(data, recipe, device, seed=SEED, train_subset=SUBSET)
 print(len(train_loader), "train batches,", len(test_loader), "test batches of", recipe.batch_size)"""),
         code(text["by_hand"]),
@@ -241,11 +264,58 @@ print(f"Train accuracy of the final model {{train_acc:.2f}}%, {{train_acc - s['f
     ]
 
 
+def write_sources(path, new_cells):
+    """Put the generated sources into an executed notebook, keeping every cell's outputs: for text
+    changes that do not call for executing the trained notebooks again."""
+    nb = nbformat.read(path, as_version=4)
+    if [c.cell_type for c in nb.cells] != [c.cell_type for c in new_cells]:
+        raise SystemExit(f"{path}: the generator's cells differ in number or kind from the notebook's; "
+                         "write it with --force and execute it again")
+    for old, new in zip(nb.cells, new_cells):
+        old.source = new.source
+    nbformat.write(nb, path)
+
+
+def rerun_marked_cells(path, timeout=1200):
+    """Execute, in a fresh kernel, the cells RERUN_NEEDS names and then every code cell that follows a
+    markdown cell carrying RERUN_MARK; only the latter's outputs replace the saved ones (their
+    execution counts stay the full run's)."""
+    import copy
+    from nbclient import NotebookClient
+    nb = nbformat.read(path, as_version=4)
+    marked = [i for i, c in enumerate(nb.cells) if i and c.cell_type == "code"
+              and nb.cells[i - 1].cell_type == "markdown" and RERUN_MARK in nb.cells[i - 1].source]
+    needs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.startswith(RERUN_NEEDS)]
+    scratch = copy.deepcopy(nb)
+    client = NotebookClient(scratch, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": ROOT}})
+    with client.setup_kernel():
+        for i in sorted(set(needs) | set(marked)):
+            client.execute_cell(scratch.cells[i], i)
+    for i in marked:
+        for out in scratch.cells[i].outputs:
+            if "execution_count" in out:                  # an execute_result: numbered as the cell
+                out.execution_count = nb.cells[i].execution_count
+        nb.cells[i].outputs = scratch.cells[i].outputs
+    nbformat.write(nb, path)
+    return marked
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--force", action="store_true", help="overwrite notebooks that hold outputs (an executed run)")
+    p.add_argument("--sources", action="store_true",
+                   help="write the cells' sources into the executed notebooks, keeping their outputs")
+    p.add_argument("--rerun", action="store_true", help="then execute the cells marked as executed again "
+                   "(RERUN) on their own and keep their new outputs (needs the data: S8_DATA)")
     a = p.parse_args(argv)
     paths = {norm: os.path.join(ROOT, f"S8_{NORMS[norm]}.ipynb") for norm in ("bn", "ln", "gn")}
+    if a.sources or a.rerun:
+        for norm, path in paths.items():
+            write_sources(path, cells(norm))
+            if a.rerun:
+                print(path, "cells executed again:", rerun_marked_cells(path))
+        return
     executed = [path for path in paths.values() if os.path.exists(path) and any(
         c.get("outputs") for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")]
     if executed and not a.force:

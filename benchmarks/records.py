@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import utils  # noqa: E402
 from utils import Augment, Recipe, count_parameters, device_name, fit  # noqa: E402
 
-HISTORY_TAG = "trials-final"  # the git tag whose code ran the tuning trials (doc/tuning.md)
+# The commit of main whose code ran the tuning trials (doc/tuning.md): `git checkout` it to rerun one.
+HISTORY_COMMIT = "b3e7df349f6825934967ca7ad385352ab35bb46f"
 
 
 def fit_record(model, train_loader, test_loader, recipe, progress=False):
@@ -42,7 +43,7 @@ def append_jsonl(path, record):
     old = path.read_bytes() if path.exists() else b""
     if old and not old.endswith(b"\n"):
         old += b"\n"
-    utils._atomic_write(path, lambda f: f.write(old + (json.dumps(record) + "\n").encode()), binary=True)
+    utils.atomic_write(path, lambda f: f.write(old + (json.dumps(record) + "\n").encode()), binary=True)
 
 
 def read_jsonl(path):
@@ -63,7 +64,8 @@ def read_jsonl(path):
 
 def recipe_from_dict(record):
     """The Recipe that recipe_dict wrote. A switch this code no longer has is refused unless it was
-    off; the code that had it is at the git tag HISTORY_TAG."""
+    off; the code that had it is at the commit HISTORY_COMMIT. A field added since a record was
+    written takes the value that record trained with (ADDED_FIELD_DEFAULT)."""
     record = dict(record)
     augment = dict(record.pop("augment"))
     for cls, values in ((Recipe, record), (Augment, augment)):
@@ -72,10 +74,14 @@ def recipe_from_dict(record):
             value = values.pop(name)
             if value not in REMOVED_SWITCH_OFF.get(name, ()):
                 raise ValueError(f"the record sets {name}={value!r}, a switch this code no longer has: "
-                                 f"check out the git tag {HISTORY_TAG!r} to train it")
+                                 f"git checkout {HISTORY_COMMIT[:12]} to train it")
     return Recipe(**record, augment=Augment(**augment))
 
 
 # What the switches that were measured and dropped (doc/tuning.md) read when they were off.
 REMOVED_SWITCH_OFF = {"decay_depthwise": (True,), "train_norm_scale": (True,), "sam_rho": (0.0,),
-                      "anneal": ("linear",), "precise_bn": (False,), "flip_alternate": (False,), "cutout": (0,)}
+                      "anneal": ("linear",), "precise_bn": (False,), "flip_alternate": (False,),
+                      "cutout": (0,), "label_smoothing": (0.0,), "momentum_swing": (0.0,),
+                      "dropout": (None,), "whiten_c1": (False,)}
+# Recipe fields added after records were written, with the value every older record trained with.
+ADDED_FIELD_DEFAULT = {"init": "default"}

@@ -112,7 +112,7 @@ def main():
 
     def floor_batches(net=model, opt=optimizer, x=x0):
         for _ in range(len(train_loader)):
-            with utils._autocast(device):
+            with utils.autocast(device):
                 out = net(x)
             loss = F.nll_loss(out.float(), y0)
             opt.zero_grad(set_to_none=True)
@@ -128,7 +128,8 @@ def main():
     t_floor_nchw = median_seconds(nchw_floor_batches, repeats, device)
 
     # 3. our training epoch, exactly as the notebooks run it
-    t_epoch = median_seconds(lambda: utils.train_epoch(model, train_loader, optimizer, scheduler), repeats, device)
+    t_epoch = median_seconds(lambda: utils.train_epoch(model, train_loader, optimizer, scheduler),
+                             repeats, device)
 
     # 4. evaluation throughput on the test split
     test_x, test_y = utils.subset(data.test_images, data.test_labels, n_test)
@@ -147,7 +148,8 @@ def main():
     speedup = t_conv / t_ours
     layout_speedup = t_floor_nchw / t_floor
     name = utils.device_name(device)
-    print(f"device: {name} | torch {torch.__version__} | build {recipe.build} | batch {BATCH} | median of {repeats} | "
+    print(f"device: {name} | torch {torch.__version__} | build {recipe.build} | batch {BATCH} | "
+          f"median of {repeats} | "
           f"{n_train} train / {n_pipe} pipeline / {n_test} test images")
     print(f"{'what':<55}{'images/s':>12}  ")
     for what, rate, note in rows:
@@ -156,10 +158,11 @@ def main():
     if a.out:
         record = dict(device=name, device_type=device.type, torch=torch.__version__, quick=a.quick,
                       build=recipe.build, channels_last_speedup=round(layout_speedup, 2),
-                      repeats=repeats, rows=[dict(what=w, images_per_s=round(r, 1), note=n) for w, r, n in rows],
+                      repeats=repeats,
+                      rows=[dict(what=w, images_per_s=round(r, 1), note=n) for w, r, n in rows],
                       epoch_seconds=round(50000 * t_epoch / n_train, 2),
                       overhead=round(overhead, 3), pipeline_speedup=round(speedup, 2))
-        utils._atomic_write(a.out, lambda f: json.dump(record, f, indent=1))
+        utils.atomic_write(a.out, lambda f: json.dump(record, f, indent=1))
     print(f"overhead={overhead:.2f} pipeline_speedup={speedup:.1f} "
           f"channels_last_speedup={layout_speedup:.2f} device={device.type}")
 

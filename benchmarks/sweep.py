@@ -5,10 +5,11 @@ processes (sharing one GPU where there is one), and appends one JSON line per fi
 --out, so a cut-off sweep still leaves every finished result behind.
 
     # seeds 2 and 3 of the notebooks' recipe, all three norms
-    python benchmarks/sweep.py --data ../shared/data/cifar10-jpeg.tar.gz --out doc/results/trials-gpu.jsonl \
+    python benchmarks/sweep.py --data DATA --out doc/results/trials-gpu.jsonl \
         --notebook-seeds 2,3
     # the assignment's network with the same recipe, one norm, on a CPU
-    python benchmarks/sweep.py --data ... --out ... --notebook-seeds 1 --norms bn --change build=reference --workers 1
+    python benchmarks/sweep.py --data DATA --out ... --notebook-seeds 1 --norms bn \
+        --change build=reference --workers 1
 """
 import argparse
 import os
@@ -39,8 +40,6 @@ def parse_change(text):
         if value.lower() not in flags:
             raise ValueError(f"--change {text!r}: {name} takes true or false")
         return name, flags[value.lower()]
-    if name == "dropout" and value.lower() == "none":
-        return name, None                                  # the build's own dropout
     try:
         return name, kind(value)
     except ValueError:
@@ -82,7 +81,8 @@ def worker(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="a local CIFAR-10 copy (folder or .tar.gz, see utils.load_cifar10); "
+    p.add_argument("--data", default=None, help="a local CIFAR-10 copy (folder or .tar.gz, see "
+                   "utils.load_cifar10); "
                    "default: $S8_DATA, else torchvision's download into data/")
     p.add_argument("--out", required=True, help="JSON-lines file each run's record is appended to")
     p.add_argument("--workers", type=int, default=8)
@@ -96,7 +96,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         changes = dict(parse_change(c) for c in a.change)
-        specs = notebook_runs([int(s) for s in a.notebook_seeds.split(",")], a.norms.split(","), a.name, **changes)
+        seeds = [int(s) for s in a.notebook_seeds.split(",")]
+        specs = notebook_runs(seeds, a.norms.split(","), a.name, **changes)
     except ValueError as e:
         p.error(str(e))
     print(f"{len(specs)} runs on {a.workers} workers", flush=True)
@@ -110,7 +111,8 @@ def main(argv=None):
         progress = a.workers == 1       # several workers' epoch lines would interleave
         for r in pool.imap_unordered(worker, [(s, a.data, threads, a.smoke, progress) for s in specs]):
             records.append_jsonl(a.out, r)
-            print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"), flush=True)
+            print(r["norm"], r["name"], r.get("seed"), r.get("final", r.get("error")), r.get("seconds"),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""Why normalise at all? The notebooks' network without a norm and with each norm: short runs of
-the notebooks' recipe, and each 3x3 block's output scale and weight gradient at initialisation and
-after training (utils.depth_stats, on one fixed batch of test images).
+"""Why normalise at all? The learning rates each arm tolerates, and the signal's scale through depth.
 
-The runs are short (--epochs on --train-subset images) and use no weight average (ema=0: a short
-run takes too few steps for it to forget its random start); otherwise the recipe is the notebooks'.
-If the network without a norm stays at chance at the recipe's peak lr, it is trained again at the
-lr where an lr range test (utils.lr_range_record) finds the loss falling fastest. --change sets
-Recipe fields as benchmarks/sweep.py's does:
+Five arms train the same network (--build, the assignment's `reference` network by default) with the
+notebooks' recipe: no norm with PyTorch's default init, no norm with He init (model.init_weights), and
+BatchNorm, LayerNorm and GroupNorm (default init). Without a norm every conv has a bias where the
+norm's shift was, and the build has no weight standardization. Each arm runs at every peak lr of a
+geometric grid (--lrs), with several seeds: short runs (--epochs on --train-subset training images,
+tested on --test-subset test images), without the weight average (ema=0: a short run takes too few
+steps for it to forget its random start). Each run also records, per 3x3 block, the std of the
+block's output and the norm of its conv weights' gradient (depth_stats) at initialisation and
+after training, on one seeded random batch of test images.
 
-    python benchmarks/why_normalise.py --data ../shared/data/cifar10-jpeg.tar.gz
-    python benchmarks/why_normalise.py --data ../shared/data/cifar10-jpeg.tar.gz \
-        --out doc/results/why-normalise-separable-skips.json --change build=separable-skips --change whiten_c1=true
+One JSON line per finished run is appended to --out; runs already there are skipped, so a cut-off
+study resumes. benchmarks/report.py reads the file for the README's table and figure.
 
-The second is the build without weight standardization (itself a normalisation, of the weights),
-with the whitened C1.
+    python benchmarks/why_normalise.py --data DATA
 """
 import argparse
 import math
@@ -22,85 +22,126 @@ import sys
 from dataclasses import replace
 from multiprocessing import get_context
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
+import records  # noqa: E402
 import utils  # noqa: E402
-from sweep import parse_change  # noqa: E402
-from model import SPATIAL_BLOCKS, count_parameters  # noqa: E402
+from model import SPATIAL_BLOCKS, Net  # noqa: E402
 
-NORMS = ("none", "bn", "ln", "gn")
-PROBE = 256     # test images in the fixed batch the statistics are read on
-
-
-def short_recipe(norm, epochs, lr=None, **changes):
-    recipe = replace(utils.recipe_for(norm), epochs=epochs, ema=0.0, **changes)
-    return recipe if lr is None else replace(recipe, lr=lr)
-
-
-def at_chance(history):
-    """A run that ended no better than chance (10 classes), or whose loss stopped being a number."""
-    return history[-1]["test_acc"] <= 15.0 or not all(math.isfinite(h["train_loss"]) for h in history)
+# (arm, norm, init): the no-norm network twice, the norms with PyTorch's default init
+ARMS = (("none-default", "none", "default"), ("none-he", "none", "he"),
+        ("bn", "bn", "default"), ("ln", "ln", "default"), ("gn", "gn", "default"))
+LRS = tuple(float(f"{lr:.3g}") for lr in np.geomspace(0.003, 0.8, 8))   # 0.003 ... 0.8, x2.2 a step
+PROBE = 256           # test images in the fixed batch the depth statistics are read on
+# the test accuracy (%) a run must pass, with finite losses, to count as training: twice chance
+TRAINS_ABOVE = 20.0
 
 
-def run(data, norm, seed, recipe, device, train_subset):
-    """One short run: statistics at initialisation, training, statistics again."""
-    utils.set_seed(seed)
-    model = recipe.make_model(norm).to(device)
-    train, test = utils.make_loaders(data, recipe, device, seed=seed, train_subset=train_subset)
-    # a seeded random batch: the JPEG copy stores the test set class by class, so its first images are one class
+def depth_stats(model, x, y):
+    """Per 3x3 block (C1 ... C9) on one batch: the std of the block's output (a forward hook) and the
+    norm of the loss's gradient for the block's conv weights (hooks run as each gradient is
+    accumulated). One forward and backward pass in train mode, no step (BatchNorm's running averages
+    do take the batch in)."""
+    act_std, grad_sq, handles = {}, dict.fromkeys(SPATIAL_BLOCKS, 0.0), []
+    for name in SPATIAL_BLOCKS:
+        block = getattr(model.layers, name)
+        handles.append(block.register_forward_hook(
+            lambda _m, _inp, out, name=name: act_std.__setitem__(name, out.detach().float().std().item())))
+        def add_grad(p, name=name):
+            grad_sq[name] += p.grad.float().pow(2).sum().item()
+        handles += [p.register_post_accumulate_grad_hook(add_grad) for p in block.conv.parameters()]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    try:
+        loss, _ = utils.batch_loss(model, x, y)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return dict(blocks=list(SPATIAL_BLOCKS), act_std=[act_std[n] for n in SPATIAL_BLOCKS],
+                grad_norm=[math.sqrt(grad_sq[n]) for n in SPATIAL_BLOCKS], loss=loss.item())
+
+
+def trained(history):
+    """Whether a run ended well above chance (10 classes) with every loss a number."""
+    finite = all(math.isfinite(h[k]) for h in history for k in ("train_loss", "test_loss"))
+    return finite and history[-1]["test_acc"] > TRAINS_ABOVE
+
+
+def arm_recipe(norm, init, lr, epochs, build):
+    recipe = replace(utils.recipe_for(norm), build=build, init=init, lr=lr, epochs=epochs, ema=0.0)
+    Net(norm, groups=recipe.groups, build=build)      # a bad build or group count fails here
+    return recipe
+
+
+def run(data, spec, device):
+    """One short run: depth statistics at initialisation, training, depth statistics again."""
+    recipe = records.recipe_from_dict(spec["recipe"])
+    utils.set_seed(spec["seed"])
+    model = recipe.make_model(spec["norm"]).to(device)
+    train, test = utils.make_loaders(data, recipe, device, seed=spec["seed"],
+                                     train_subset=spec["train_subset"], test_subset=spec["test_subset"])
+    # a seeded random batch: the JPEG copy stores the test set class by class, so its first images
+    # are one class
     x, y = utils.subset(test.images, test.labels, PROBE, seed=0)
-    init = utils.depth_stats(model, x, y)
-    history = utils.fit(model, train, test, recipe, progress=False)
-    trained = utils.depth_stats(model, x, y)
-    return dict(norm=norm, seed=seed, lr=recipe.lr, params=count_parameters(model),
-                final=history[-1]["test_acc"], at_chance=at_chance(history), history=history,
-                init=init, trained=trained)
+    at_init = depth_stats(model, x, y)
+    fitted = records.fit_record(model, train, test, recipe)
+    return dict(spec, data=data.source, trained=trained(fitted["history"]), init=at_init,
+                after=depth_stats(model, x, y), **fitted)
 
 
 def worker(args):
-    data_path, norm, seeds, epochs, train_subset, changes = args
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(NORMS)))
-    data, device = utils.load_cifar10(data_path), utils.pick_device()
-    recipe = short_recipe(norm, epochs, **changes)
-    runs = [run(data, norm, s, recipe, device, train_subset) for s in seeds]
-    range_test = None
-    if norm == "none" and all(r["at_chance"] for r in runs):
-        range_test = utils.lr_range_record(data, norm, recipe, device, seed=seeds[0], train_subset=train_subset,
-                                           progress=False)
-        # the range test's steepest fall, where that is below the recipe's peak; else a tenth of the peak
-        steepest = range_test["lr_steepest"]
-        lower = short_recipe(norm, epochs, **changes, lr=round(steepest if steepest < recipe.lr else recipe.lr / 10, 4))
-        runs += [run(data, norm, s, lower, device, train_subset) for s in seeds]
-    return runs, range_test, utils.device_name(device), data.source
+    spec, data_path = args
+    torch.set_num_threads(1)      # one thread per worker: the workers share the cores
+    return run(utils.load_cifar10(data_path), spec, utils.pick_device())
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="a local CIFAR-10 copy (see utils.load_cifar10)")
-    p.add_argument("--out", default="doc/results/why-normalise.json")
-    p.add_argument("--seeds", default="1,2,3")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-subset", type=int, default=20000)
-    p.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE", help="a Recipe field changed")
+    p.add_argument("--out", default="doc/results/why-normalise-lr.jsonl")
+    p.add_argument("--build", default="reference")
+    p.add_argument("--arms", default=",".join(a for a, _, _ in ARMS))
+    p.add_argument("--lrs", default=",".join(map(str, LRS)), help="comma-separated peak learning rates")
+    p.add_argument("--seeds", default="1,2")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--test-subset", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     a = p.parse_args(argv)
-    changes = dict(parse_change(c) for c in a.change)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    arms = {name: (norm, init) for name, norm, init in ARMS}
+    unknown = [x for x in a.arms.split(",") if x not in arms]
+    if unknown:
+        p.error(f"unknown arm(s) {unknown}: choose from {list(arms)}")
+    done = {(r["arm"], r["lr"], r["seed"], r["epochs"], r["train_subset"], r["build"])
+            for r in records.read_jsonl(a.out)}
+    specs = []
+    for seed in map(int, a.seeds.split(",")):
+        for lr in map(float, a.lrs.split(",")):
+            for arm in a.arms.split(","):
+                norm, init = arms[arm]
+                if (arm, lr, seed, a.epochs, a.train_subset, a.build) in done:
+                    continue
+                recipe = arm_recipe(norm, init, lr, a.epochs, a.build)
+                specs.append(dict(arm=arm, norm=norm, init=init, lr=lr, seed=seed, build=a.build,
+                                  epochs=a.epochs, train_subset=a.train_subset, test_subset=a.test_subset,
+                                  probe_images=PROBE, probe_pick="random, seed 0",
+                                  recipe=utils.recipe_dict(recipe)))
+    print(f"{len(specs)} runs to do on {a.workers} workers", flush=True)
+    if a.dry_run or not specs:
+        return
     utils.load_cifar10(a.data)          # decode once; the workers read the cache
-    with get_context("spawn").Pool(len(NORMS)) as pool:
-        results = pool.map(worker, [(a.data, n, seeds, a.epochs, a.train_subset, changes) for n in NORMS])
-    runs = [r for rs, *_ in results for r in rs]
-    range_tests = [t for _, t, *_ in results if t is not None]
-    record = dict(norms=list(NORMS), blocks=list(SPATIAL_BLOCKS), seeds=seeds, epochs=a.epochs,
-                  train_subset=a.train_subset, probe_images=PROBE, probe_pick="random, seed 0",
-                  recipe_lr=utils.recipe_for("bn").lr,
-                  recipe=utils.recipe_dict(short_recipe("bn", a.epochs, **changes)),
-                  device=results[0][2], data=results[0][3], runs=runs,
-                  lr_range=[{k: v for k, v in t.items() if k not in ("lr", "loss", "smoothed")} for t in range_tests])
-    utils.save_json(a.out, record)
-    for r in runs:
-        print(r["norm"], r["seed"], r["lr"], r["final"], "at chance" if r["at_chance"] else "")
+    with get_context("spawn").Pool(a.workers) as pool:
+        for r in pool.imap_unordered(worker, [(s, a.data) for s in specs]):
+            records.append_jsonl(a.out, r)
+            print(f"{r['arm']:>12} lr {r['lr']:<6g} seed {r['seed']}: {r['final']:5.2f}% "
+                  f"{'' if r['trained'] else '(did not train) '}{r['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

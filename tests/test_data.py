@@ -23,21 +23,11 @@ def write_imagefolder(root, per_class=2, size=32, skip_class=None):
             for i in range(per_class):
                 img = torch.full((3, size, size), 20 * c, dtype=torch.uint8)   # the class is in the pixels
                 img[:, :4, :4] = torch.randint(0, 256, (3, 4, 4), generator=g, dtype=torch.uint8)
-                Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / split / name / f"{i:04d}.jpg", quality=95)
+                path = root / split / name / f"{i:04d}.jpg"
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, quality=95)
 
 
-def test_imagefolder_folder_labels_stay_with_images(tmp_path):
-    write_imagefolder(tmp_path / "copy")
-    data = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
-    assert data.train_images.shape == (20, 3, 32, 32) and data.train_images.dtype == torch.uint8
-    assert data.test_images.shape == (20, 3, 32, 32)
-    assert data.classes == utils.CLASSES
-    # the class index is written into the pixel values: JPEG keeps flat colour within a few levels
-    centre = data.train_images[:, 0, 16, 16].float()
-    assert torch.allclose(centre, 20 * data.train_labels.float(), atol=3)
-
-
-def test_tar_gz_and_cache(tmp_path):
+def test_tar_gz_and_cache(tmp_path, monkeypatch):
     write_imagefolder(tmp_path / "copy")
     archive = write_archive(tmp_path / "copy", tmp_path / "cifar.tar.gz")
     first = utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
@@ -47,6 +37,16 @@ def test_tar_gz_and_cache(tmp_path):
     assert torch.equal(first.test_labels, second.test_labels)
     folder = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data2", full=False)
     assert torch.equal(first.train_images, folder.train_images)
+    # labels stay with their images: the class index is in the pixels, which JPEG keeps within a few levels
+    centre = first.train_images[:, 0, 16, 16].float()
+    assert torch.allclose(centre, 20 * first.train_labels.float(), atol=3)
+    # named by what they are, not where they lie
+    assert first.source == second.source == "cifar.tar.gz (JPEG copy)" and folder.source == "copy (JPEG copy)"
+    # a new decoder does not read what the old one cached: it decodes again, into a cache of its own
+    monkeypatch.setattr(utils, "DECODER_VERSION", utils.DECODER_VERSION + 1)
+    third = utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
+    assert len(list((tmp_path / "data" / "cache").glob("*.pt"))) == 2
+    assert torch.equal(first.train_images, third.train_images)
 
 
 def test_torchvision_pickle_folder(tmp_path):
@@ -62,7 +62,8 @@ def test_torchvision_pickle_folder(tmp_path):
     assert data.train_images.shape == (15, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
     assert data.train_labels.tolist() == [1, 5, 9] * 5
     # torchvision's layout: the 3072 values are the R plane, then G, then B, row-major
-    assert torch.equal(data.test_images[2], torch.from_numpy(batches["test_batch"]["data"][2]).view(3, 32, 32))
+    expected = torch.from_numpy(batches["test_batch"]["data"][2]).view(3, 32, 32)
+    assert torch.equal(data.test_images[2], expected)
 
 
 def test_missing_source_names_the_ways_to_provide_data(tmp_path):
@@ -118,31 +119,24 @@ def test_missing_class_folder(tmp_path):
         utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
 
 
-def test_mean_std_is_exact_against_numpy():
-    rng = np.random.default_rng(3)
-    x = rng.integers(0, 256, (7, 3, 5, 4), dtype=np.uint8)
-    x[:, 1] //= 4                                      # channels with different statistics
-    mean, std = utils.channel_mean_std(torch.from_numpy(x))
-    ref = x.astype(np.float64) / 255
-    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-12)
-    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-10)
-    with pytest.raises(TypeError):
-        utils.channel_mean_std(torch.from_numpy(x).float())
-
-
 def test_mean_std_over_thousands_of_real_images_is_not_a_per_batch_average(cifar):
-    """On 4,096 real images the average of per-batch stds (batches of 128) misses by ~3e-4; the exact one does not."""
+    """On 4,096 real images the average of per-batch stds (batches of 128) misses by ~3e-4; the exact
+    one does not."""
     images = cifar.train_images[torch.randperm(50000, generator=torch.Generator().manual_seed(0))[:4096]]
     exact = (images.double() / 255).std(dim=(0, 2, 3), unbiased=False)
-    batched = torch.stack([(b.double() / 255).std(dim=(0, 2, 3), unbiased=False) for b in images.split(128)]).mean(0)
+    per_batch = [(b.double() / 255).std(dim=(0, 2, 3), unbiased=False) for b in images.split(128)]
+    batched = torch.stack(per_batch).mean(0)
     tol = 2e-5
     assert (batched - exact).abs().max() > 5 * tol                  # the mistake this test must catch
     _, std = utils.channel_mean_std(images)
     np.testing.assert_allclose(std, exact.numpy(), atol=tol, rtol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        utils.channel_mean_std(images.float())
 
 
 def test_real_data_set(cifar):
-    """The copy S8_DATA points at: full size, balanced, right statistics; the second load is fast."""
+    """The real data (S8_DATA's copy or torchvision's download): full size, balanced, right statistics,
+    named by what it is rather than by a path; the second load is fast."""
     assert cifar.train_images.shape == (50000, 3, 32, 32) and cifar.test_images.shape == (10000, 3, 32, 32)
     assert torch.bincount(cifar.train_labels).tolist() == [5000] * 10
     assert torch.bincount(cifar.test_labels).tolist() == [1000] * 10
@@ -154,8 +148,9 @@ def test_real_data_set(cifar):
     # every image once per epoch, the last batch short
     assert (len(train), len(test)) == (-(-50000 // recipe.batch_size), -(-10000 // recipe.batch_size))
     start = time.perf_counter()
-    utils.load_cifar10(os.environ["S8_DATA"], data_dir=utils.Path(__file__).parent.parent / "data")
+    utils.load_cifar10(data_dir=utils.Path(__file__).parent.parent / "data")
     assert time.perf_counter() - start < 1.0
+    assert "/" not in cifar.source and cifar.source.endswith(("(JPEG copy)", "(original CIFAR-10)"))
 
 
 def current_umask():
@@ -190,19 +185,6 @@ def test_folder_cache_follows_every_file_inside(tmp_path):
     assert ship.float().mean(dim=(1, 2, 3)).max() > 250             # the white image, not the cached one
 
 
-def test_pickle_rewritten_in_place_is_read_again(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(utils.CLASSES)}))
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (folder / name).write_bytes(pickle.dumps(dict(data=np.zeros((2, 3072), np.uint8), labels=[0, 1])))
-    first = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data", full=False)
-    (folder / "test_batch").write_bytes(pickle.dumps(dict(data=np.full((2, 3072), 7, np.uint8), labels=[3, 4])))
-    second = utils.load_cifar10(tmp_path, data_dir=tmp_path / "data", full=False)
-    assert first.test_labels.tolist() == [0, 1] and second.test_labels.tolist() == [3, 4]
-    assert int(second.test_images.max()) == 7
-
-
 @pytest.mark.parametrize("damage", ["first 100 bytes", "last 8 bytes cut", "one byte flipped"])
 def test_damaged_archive_gets_the_same_clear_error(tmp_path, damage):
     """Every damaged .tar.gz names its path and the fix: no bare EOFError, no silently wrong image."""
@@ -216,7 +198,8 @@ def test_damaged_archive_gets_the_same_clear_error(tmp_path, damage):
     else:
         data[len(data) // 2] ^= 0x01
     archive.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match=r"cifar\.tar\.gz' is (corrupt or truncated|not a readable).*[Ff]etch it again"):
+    why = r"cifar\.tar\.gz' is (corrupt or truncated|not a readable).*[Ff]etch it again"
+    with pytest.raises(RuntimeError, match=why):
         utils.load_cifar10(archive, data_dir=tmp_path / "data", full=False)
 
 
@@ -224,9 +207,13 @@ def test_a_copy_that_is_not_all_of_cifar10_is_refused_unless_asked(tmp_path):
     write_imagefolder(tmp_path / "copy")
     with pytest.raises(RuntimeError, match=r"train split has 20 images.*50,000.*fetch it again.*full=False"):
         utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data")
-    assert len(utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False).test_labels) == 20
+    smaller = utils.load_cifar10(tmp_path / "copy", data_dir=tmp_path / "data", full=False)
+    assert len(smaller.test_labels) == 20
 
 
-def test_quick_runs_reuse_one_scratch_folder():
-    assert utils.figure_dir(True) == utils.figure_dir(True) != utils.Path("doc")
+def test_quick_runs_write_figures_outside_doc(tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.chdir(tmp_path)
+    assert utils.figure_dir(True).parent == utils.Path(tempfile.gettempdir())
     assert utils.figure_dir(True).is_dir()
+    assert utils.figure_dir(False) == utils.Path("doc") and (tmp_path / "doc").is_dir()

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from model import BUILDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -45,15 +44,6 @@ def test_every_file_link_exists_and_its_anchor_too(document):
     assert (missing, bad_anchors) == ([], [])
 
 
-def test_readme_links_the_tuning_narrative_and_it_links_back():
-    assert "](doc/tuning.md" in README
-    assert "](../README.md" in (ROOT / "doc" / "tuning.md").read_text()
-
-
-def test_readme_names_every_build_and_the_setup_cells_constant():
-    assert [b for b in BUILDS if f"`{b}`" not in README] == [] and "`REPO_URL`" in README
-
-
 def test_the_notebooks_are_one_story_written_by_their_generator(load_benchmark):
     """The notebooks' cells are benchmarks/notebooks.py's: one setup cell and REPO_URL, one story."""
     notebooks = load_benchmark("notebooks")
@@ -69,18 +59,3 @@ def test_every_generated_block_equals_what_the_report_writes_now(load_benchmark)
     benchmarks/report.py writes from the results files today."""
     stale = load_benchmark("report").stale_blocks()
     assert stale == [], "\n".join(f"{doc}: block {name!r} {why}" for doc, name, why in stale)
-
-
-def test_a_hand_edited_number_is_named_with_its_block_and_line(load_benchmark, tmp_path):
-    import shutil
-    report = load_benchmark("report")
-    for part in ("README.md", "doc/tuning.md", "S8_BatchNorm.ipynb"):
-        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / part, tmp_path / part)
-    shutil.copytree(ROOT / "doc" / "results", tmp_path / "doc" / "results")
-    assert report.stale_blocks(tmp_path) == []
-    block = report.blocks_of(readme := (tmp_path / "README.md").read_text())["candidates"]
-    line = next(l for l in block.splitlines() if "%" in l)
-    (tmp_path / "README.md").write_text(readme.replace(line, line.replace("%", "1%", 1)))
-    (doc, name, why), = report.stale_blocks(tmp_path)
-    assert (doc, name) == ("README.md", "candidates") and line in why
