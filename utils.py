@@ -755,15 +755,20 @@ def arm_label(run):
     return NORMS[run["norm"]] + (f", {init}" if run["norm"] == "none" else "")
 
 
+def arms_of(runs):
+    """{arm_label: its runs} of benchmarks/why_normalise.py's runs, no norm first, then NORMS' order."""
+    arms = {}
+    for r in sorted(runs, key=lambda r: (r["norm"] != "none", list(NORMS).index(r["norm"]), r["init"])):
+        arms.setdefault(arm_label(r), []).append(r)
+    return arms
+
+
 def lr_tolerance(runs):
-    """benchmarks/why_normalise.py's runs per arm (arm_label): {lr: final test accuracies over the
+    """benchmarks/why_normalise.py's runs per arm (arms_of): {lr: final test accuracies over the
     seeds}, the best lr by mean accuracy, and the largest lr at which every seed trained (ended above
     its threshold with finite losses; None if no lr did)."""
-    arms = {}
-    for r in runs:
-        arms.setdefault(arm_label(r), []).append(r)
     table = {}
-    for label, mine in arms.items():
+    for label, mine in arms_of(runs).items():
         finals = {lr: [r["final"] for r in mine if r["lr"] == lr] for lr in sorted({r["lr"] for r in mine})}
         trained = [lr for lr in finals if all(r["trained"] for r in mine if r["lr"] == lr)]
         best = max(finals, key=lambda lr: np.mean(finals[lr]))

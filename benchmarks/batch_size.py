@@ -14,8 +14,11 @@ moving average of the weights is off (`ema=0`: a short run at a large batch take
 it to forget its random start), the rest is the notebooks' recipe. Runs already in --out are skipped,
 so a cut-off sweep resumes where it stopped.
 
-    for seed in 1 2; do python benchmarks/batch_size.py --data DATA \\
-        --out doc/results/batch-size.jsonl --seed $seed; done
+    # two seeds side by side, one core each, each to its own file (two writers of one file would
+    # lose each other's lines), joined afterwards
+    for seed in 1 2; do python benchmarks/batch_size.py --data DATA --threads 1 \\
+        --out batch-size-$seed.jsonl --seed $seed & done; wait
+    cat batch-size-1.jsonl batch-size-2.jsonl > doc/results/batch-size.jsonl
 """
 import argparse
 import os
@@ -62,6 +65,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-subset", type=int, default=8000, help="training images per run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads; 1 lets two seeds run side by side, one core each (small batches "
+                        "gain little from a second thread)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     a = p.parse_args(argv)
     norms = a.norms.split(",")
@@ -83,7 +89,7 @@ def main(argv=None):
         print(f"{n} batch {b} lr {r.lr:g}: {a.epochs} epochs on {a.train_subset} images, seed {a.seed}")
     if a.dry_run or not todo:
         return
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
     data, device = utils.load_cifar10(a.data), utils.pick_device()
     for n, b in todo:
         record = run(data, n, b, a.epochs, a.train_subset, a.seed, device, progress=True)

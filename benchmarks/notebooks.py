@@ -34,7 +34,9 @@ if missing:  # torch and torchvision are never reinstalled: Colab's own are used
 
 # Cells executed again on their own after the notebooks' last full run (main(--rerun)): the markdown
 # before each says so. Empty it when the notebooks are next executed whole.
-RERUN = {"figure": "the figure was redrawn", "by_hand_bn": "the check now covers eval mode too",
+RERUN = {"data": "records now name the data set by what it is, not by a machine's path",
+         "recipe": "the recipe lost the switches no run used and gained its init",
+         "figure": "the figure was redrawn", "by_hand_bn": "the check now covers eval mode too",
          "why": "the study it reads was redone"}
 RERUN_MARK = "Executed again on its own"
 # The code cells a re-executed cell needs first: the setup, the imports, the data and the loaders.
@@ -42,11 +44,23 @@ RERUN_NEEDS = ("# Setup:", "import dataclasses", "data = utils.load_cifar10()", 
 
 
 def rerun_note(key):
-    """The sentence that tells a reader a cell's outputs are not the full run's ("" if they are)."""
+    """The sentence that tells a reader the outputs of the code cells below a markdown cell are not the
+    full run's ("" if they are)."""
     if key not in RERUN:
         return ""
-    return (f"\n\n*{RERUN_MARK} on 2026-12-07, in a fresh kernel on a CPU after the setup, data and loader "
-            f"cells, because {RERUN[key]}; every other output in this notebook is the GPU run's.*")
+    return (f"\n\n*{RERUN_MARK}, the code below this text: on 2026-12-07, in a fresh kernel on a CPU after "
+            f"the setup, data and loader cells, because {RERUN[key]}. Every other output in this notebook "
+            f"is the GPU run's.*")
+
+
+# What the why-normalise study shows (doc/results/why-normalise-lr.jsonl; the README says the same).
+WHY_TEXT = """What the runs show, in this short budget (3 epochs on 10,000 images, two seeds; the README has the table):
+
+- **The init decides whether a plain network trains.** With PyTorch's default init every block shrinks the signal, the gradient that reaches the first blocks is tiny, and no run leaves chance (10%). With He init the signal keeps its scale through depth and the same network trains.
+- **A norm widens the range of learning rates that work.** The plain network with He init stays at chance from a peak lr of 0.162 on; BatchNorm and GroupNorm train at every lr up to 0.8, LayerNorm up to 0.36. Each norm divides a block's output by its own spread, so a larger step cannot blow the scale up block after block.
+- **BatchNorm also learns fastest here**, well above the plain network at every lr; GroupNorm's best is a few points above the plain network's, LayerNorm's level with it.
+
+Weight standardization, which this notebook's build uses, is itself a normaliser of the weights: without a norm beside it, it makes every conv multiply the signal's spread by about the square root of its fan-in, and that network never leaves chance (the README links that record)."""
 
 
 def by_hand(comment, statistics):
@@ -159,7 +173,7 @@ device = utils.pick_device()
 print("device:", utils.device_name(device), "| epochs:", EPOCHS, "| train subset:", SUBSET or "all")"""),
         md("""## Data
 
-`utils.load_cifar10()` returns the whole data set as uint8 tensors. By default it is torchvision's download (what Colab gets); `S8_DATA` points it at a local copy instead, a folder or a `.tar.gz` (this repository's own runs use a JPEG copy of CIFAR-10, see the README). Decoded images are cached in `data/cache`."""),
+`utils.load_cifar10()` returns the whole data set as uint8 tensors. By default it is torchvision's download (what Colab gets); `S8_DATA` points it at a local copy instead, a folder or a `.tar.gz` (this repository's own runs use a JPEG copy of CIFAR-10, see the README). Decoded images are cached in `data/cache`. `data.source` says what the data is: a file's name and kind, never a machine's path.""" + rerun_note("data")),
         code("""data = utils.load_cifar10()
 print("source:", data.source)"""),
         code("""# NBVAL_CHECK_OUTPUT
@@ -203,7 +217,7 @@ The same for all three notebooks, one object: `utils.recipe_for(NORM)`.
 - **SGD** with Nesterov momentum 0.9 and weight decay 5e-4, **batch 64**. The norms' own scale and shift get no weight decay (`decay_norms=False`): on a conv followed by a norm, decay only changes the step size, but on the norm's scale it would pull each channel's voice toward zero.
 - **One-cycle learning rate**, stepped every batch: up to the peak (0.05) over the first quarter of the steps, then down to almost zero.
 - **Regularisation:** weight decay, Dropout(0.02) after every block, the augmentation above. The network is small and fits the training set only a little better than the test set, so stronger regularisation cost accuracy in the trials.
-- **A moving average of the weights** (`ema=0.999`) is what the last epoch tests: it smooths out the noise of the last steps. The last point of the curves below is that average."""),
+- **A moving average of the weights** (`ema=0.999`) is what the last epoch tests: it smooths out the noise of the last steps. The last point of the curves below is that average.""" + rerun_note("recipe")),
         code("print(recipe)"),
         md(text["axes"] + rerun_note("figure")),
         code("""display(Image("doc/norm_methods.png"))   # drawn by benchmarks/report.py"""),
@@ -213,18 +227,16 @@ print(len(train_loader), "train batches,", len(test_loader), "test batches of", 
         code(text["by_hand"]),
         md("""### Why normalise at all?
 
-The same network without any norm, and with each of the three, trained briefly by `benchmarks/why_normalise.py` (its results file, `doc/results/why-normalise.json`, is read here, not recomputed). Left: the standard deviation of each 3x3 block's output on a fixed batch of test images; right: the norm of the loss's gradient with respect to each block's conv weights. Dashed lines are at initialisation, solid lines after the short training."""),
-        code("""why = json.loads(Path("doc/results/why-normalise.json").read_text())
-utils.plot_depth(why)
-plt.show()
-for r in why["runs"]:
-    if r["seed"] == why["seeds"][0]:   # one seed; the README gives the means over all of them
-        print(f"{r['norm']:>4} at peak lr {r['lr']}: C9 output std {r['init']['act_std'][-1]:.3g} at init, "
-              f"{r['trained']['act_std'][-1]:.3g} trained; test accuracy after {why['epochs']} epochs {r['final']:.2f}%")"""),
-        md("""Without a norm nothing holds a block's output to a scale. Weight standardization gives every filter unit variance, so each conv multiplies the signal's spread by roughly the square root of its fan-in, and block after block that compounds: the first loss is enormous and the run never leaves chance (10%), at the recipe's peak lr (every ReLU ends up dead, output 0) or at the lower lr of a range test (the weights turn to NaN). Each norm divides a block's output by its own spread, so every block stays near 1 before and after training, the gradients stay in range, and the same recipe trains."""),
+The assignment's network, trained briefly without any norm and with each of the three, at eight peak learning rates from 0.003 to 0.8, two seeds each, by `benchmarks/why_normalise.py`; its results file, `doc/results/why-normalise-lr.jsonl`, is read here, not recomputed (the runs take an hour on a CPU). Without a norm each conv has a bias where the norm's shift was, and two inits are tried: PyTorch's default and He's (`model.init_weights`). Left: test accuracy against the peak lr. Middle and right, at each arm's best lr: the standard deviation of each 3x3 block's output on a fixed batch of test images, and the norm of the loss's gradient with respect to each block's conv weights, dashed at initialisation and solid after training.""" + rerun_note("why")),
+        code("""why = [json.loads(line) for line in Path("doc/results/why-normalise-lr.jsonl").read_text().splitlines()]
+display(Image("doc/why_normalise.png"))   # drawn from these runs by benchmarks/report.py
+for arm, t in utils.lr_tolerance(why).items():
+    print(f"{arm:>22}: best peak lr {t['best']:g} ({t['best_acc']:.1f}% after {why[0]['epochs']} epochs), "
+          f"every seed trains up to lr {t['largest_trained']}")"""),
+        md(WHY_TEXT),
         md("""### The peak learning rate: a range test
 
-Leslie Smith's **learning-rate range test**: a fresh copy of the network trains for a few hundred batches while the learning rate grows geometrically. The loss falls slowly while the lr is too small, fastest over the useful range, and climbs once it is too large. A one-cycle peak (dashed) belongs between the steepest fall (▼) and the lowest point (●). The test has its own network and loader, so the training below is the same with or without it."""),
+Leslie Smith's **learning-rate range test**: a fresh copy of this notebook's network trains for a few hundred batches while the learning rate grows geometrically. The loss falls slowly while the lr is too small, fastest over the useful range, and climbs once it is too large. A one-cycle peak (dashed) belongs between the steepest fall (▼) and the lowest point (●). The test has its own network and loader, so the training below is the same with or without it. Across the three notebooks the range tests rank the norms as the sweep above does: BatchNorm's lowest point at the largest lr, then GroupNorm's, then LayerNorm's."""),
         code("""lr_test = utils.lr_range_record(data, NORM, recipe, device, seed=SEED, train_subset=SUBSET,
                                 steps=30 if QUICK else 400)
 print(f"steepest fall at lr {lr_test['lr_steepest']:.3g}, lowest loss at lr {lr_test['lr_at_min']:.3g}, "
@@ -277,14 +289,18 @@ def write_sources(path, new_cells):
 
 
 def rerun_marked_cells(path, timeout=1200):
-    """Execute, in a fresh kernel, the cells RERUN_NEEDS names and then every code cell that follows a
-    markdown cell carrying RERUN_MARK; only the latter's outputs replace the saved ones (their
-    execution counts stay the full run's)."""
+    """Execute, in a fresh kernel, the cells RERUN_NEEDS names and the code cells below each markdown
+    cell that carries RERUN_MARK (up to the next markdown cell); only the latter's outputs replace
+    the saved ones (their execution counts stay the full run's)."""
     import copy
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
-    marked = [i for i, c in enumerate(nb.cells) if i and c.cell_type == "code"
-              and nb.cells[i - 1].cell_type == "markdown" and RERUN_MARK in nb.cells[i - 1].source]
+    marked, below_mark = [], False
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "markdown":
+            below_mark = RERUN_MARK in c.source
+        elif below_mark:
+            marked.append(i)
     needs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.startswith(RERUN_NEEDS)]
     scratch = copy.deepcopy(nb)
     client = NotebookClient(scratch, timeout=timeout, kernel_name="python3", record_timing=False,

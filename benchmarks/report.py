@@ -130,8 +130,10 @@ def why_table(runs):
             "| arm | parameters | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | trains up to |",
             "|---|---|" + "---|" * (len(lrs) + 2)]
     for label, t in tolerance.items():
-        cells = [f"{np.mean(f):.1f} ± {np.std(f, ddof=1):.1f}" if len(f) > 1 else f"{f[0]:.1f}"
-                 for f in (t["finals"].get(lr, [float("nan")]) for lr in lrs)]
+        cells = []
+        for f in (t["finals"].get(lr, []) for lr in lrs):
+            spread_of = f" ± {np.std(f, ddof=1):.1f}" if len(f) > 1 else ""
+            cells.append(f"{np.mean(f):.1f}{spread_of}" if f else "-")
         best = f"{t['best']:g} ({t['best_acc']:.1f}%)"
         rows.append(f"| {label} | {t['params']:,} | " + " | ".join(cells) + f" | {best} | "
                     f"{t['largest_trained'] if t['largest_trained'] is not None else 'none'} |")
@@ -140,10 +142,10 @@ def why_table(runs):
              "| arm | C1 → C9 at init | C1 → C9 trained |", "|---|---|---|"]
     for label, t in tolerance.items():
         at_best = [r for r in runs if utils.arm_label(r) == label and r["lr"] == t["best"]]
-        std = {when: [float(np.mean([r[when]["act_std"][k] for r in at_best])) for k in (0, -1)]
-               for when in ("init", "after")}
+        std = {when: [float(np.mean([r[f"depth_{when}"]["act_std"][k] for r in at_best])) for k in (0, -1)]
+               for when in ("init", "trained")}
         rows.append(f"| {label} | {std['init'][0]:.2g} → {std['init'][1]:.2g} | "
-                    f"{std['after'][0]:.2g} → {std['after'][1]:.2g} |")
+                    f"{std['trained'][0]:.2g} → {std['trained'][1]:.2g} |")
     return "\n".join(rows)
 
 
@@ -315,9 +317,7 @@ def plot_why_normalise(runs, path=None):
     """benchmarks/why_normalise.py's runs, three panels: final test accuracy against the peak lr (mean
     over the seeds, their range shaded); then, at each arm's best lr, each 3x3 block's output std and
     its conv weights' gradient norm, dashed at initialisation and solid trained (means over seeds)."""
-    arms = {}
-    for r in runs:
-        arms.setdefault(utils.arm_label(r), []).append(r)
+    arms = utils.arms_of(runs)
     first = runs[0]
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -331,11 +331,17 @@ def plot_why_normalise(runs, path=None):
         best = lrs[int(np.argmax(means))]
         at_best = [r for r in mine if r["lr"] == best]
         for ax, key in zip(axes[1:], ("act_std", "grad_norm")):
-            for when, style, words in (("init", "--", "at init"), ("after", "-o", f"trained at lr {best:g}")):
+            for when, style, words in (("depth_init", "--", "at init"),
+                                       ("depth_trained", "-o", f"trained at lr {best:g}")):
                 y = np.mean([r[when][key] for r in at_best], axis=0)
-                ax.plot(first["init"]["blocks"], y, style, ms=3, color=f"C{k}", label=f"{label}, {words}")
+                ax.plot(first["depth_init"]["blocks"], y, style, ms=3, color=f"C{k}",
+                        label=f"{label}, {words}")
     axes[0].axhline(10, color="grey", lw=0.8, ls=":", label="chance (10%)")
-    axes[0].set(xscale="log", xlabel="peak learning rate (log scale)", ylabel="final test accuracy (%)",
+    grid = sorted({r["lr"] for r in runs})
+    axes[0].set_xscale("log")
+    axes[0].set_xticks(grid, labels=[f"{lr:g}" for lr in grid])
+    axes[0].minorticks_off()
+    axes[0].set(xlabel="peak learning rate (log scale)", ylabel="final test accuracy (%)",
                 title=f"{first['epochs']} epochs on {first['train_subset']:,} images, "
                       f"shaded: the seeds' range")
     axes[1].set(ylabel="std of the block's output", title="scale of the signal through depth")
@@ -353,7 +359,7 @@ def plot_why_normalise(runs, path=None):
 def plot_norm_methods(path=None):
     """Which values of an (N, C, H, W) activation share one mean and variance, as in Wu & He 2018's
     figure 2 but flat: a row per sample, a column per channel, each cell all H x W positions of that
-    sample and channel; blue, one set of shared statistics, and the colours around it the others."""
+    sample and channel; blue, one set of shared statistics, and pale colours the others."""
     import matplotlib.pyplot as plt
     n, c, groups = 4, 8, 4
     sets = {                         # which set of statistics the cell (sample i, channel j) belongs to
@@ -363,11 +369,15 @@ def plot_norm_methods(path=None):
         f"GroupNorm, G = {groups}\nper sample and group, over (C/G, H, W)":
             lambda i, j: i * groups + j // (c // groups),
     }
+    pale = [plt.cm.Pastel1(k) for k in (0, 2, 3, 4, 5, 6, 7)]          # Pastel1 without its blue
     fig, axes = plt.subplots(1, len(sets), figsize=(15, 3.6))
     for ax, (name, member) in zip(axes, sets.items()):
         which = np.array([[member(i, j) for j in range(c)] for i in range(n)])
-        shade = np.where(which == 0, 1.0, 0.12 + 0.18 * (which % 2))       # set 0 blue, the others grey
-        ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
+        # set 0 in blue; the others in seven pale colours, so that neighbouring sets differ (seven
+        # does not divide the eight channels, so one set per cell shows as a diagonal pattern)
+        colours = np.array([pale[k % len(pale)] for k in which.flat]).reshape(n, c, -1)
+        colours[which == 0] = (0.12, 0.39, 0.75, 1.0)
+        ax.imshow(colours)
         ax.set_xticks(np.arange(-0.5, c), minor=True)
         ax.set_yticks(np.arange(-0.5, n), minor=True)
         ax.grid(which="minor", color="white", lw=2)
@@ -375,7 +385,7 @@ def plot_norm_methods(path=None):
         ax.set(xticks=[], yticks=[], xlabel="C (channels)", ylabel="N (samples)")
         ax.set_title(name, fontsize=10)
     fig.suptitle("Blue: the values that share one mean and variance (each cell: all H x W positions of one "
-                 "sample's channel); shades of grey: the other sets", fontsize=10)
+                 "sample's channel); each pale colour: another such set", fontsize=10)
     fig.tight_layout()
     return utils.save_figure(fig, path)
 

@@ -91,8 +91,8 @@ def run(data, spec, device):
     x, y = utils.subset(test.images, test.labels, PROBE, seed=0)
     at_init = depth_stats(model, x, y)
     fitted = records.fit_record(model, train, test, recipe)
-    return dict(spec, data=data.source, trained=trained(fitted["history"]), init=at_init,
-                after=depth_stats(model, x, y), **fitted)
+    return dict(spec, data=data.source, trained=trained(fitted["history"]), depth_init=at_init,
+                depth_trained=depth_stats(model, x, y), **fitted)
 
 
 def worker(args):

@@ -217,7 +217,7 @@ def test_every_recipe_field_reaches_what_it_configures():
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert max(lrs) == pytest.approx(0.07, rel=0.02) and 13 <= lrs.index(max(lrs)) <= 15   # half way up
+    assert max(lrs) == pytest.approx(0.07, rel=0.05) and 13 <= lrs.index(max(lrs)) <= 15   # half way up
     data = utils.CIFAR10(*(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.arange(40) % 10) * 2,
                          utils.CLASSES, "zeros")
     train, test = utils.make_loaders(data, recipe, "cpu", test_batch_size=16)
