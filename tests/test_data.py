@@ -151,6 +151,8 @@ def test_real_data_set(cifar):
     utils.load_cifar10(data_dir=utils.Path(__file__).parent.parent / "data")
     assert time.perf_counter() - start < 1.0
     assert "/" not in cifar.source and cifar.source.endswith(("(JPEG copy)", "(original CIFAR-10)"))
+    grid = cifar.train_labels[utils.class_sample(cifar.train_labels, per_class=3)]
+    assert grid.tolist() == list(range(10)) * 3          # one of each class in turn: a grid row each
 
 
 def current_umask():
