@@ -10,7 +10,7 @@
 # into doc/results (the seeds as shared-recipe.jsonl lines), unpack the notebooks, run benchmarks/report.py.
 set -u
 export PYTHONUNBUFFERED=1
-DATA=$(realpath "${1:-.gpu/cifar10-jpeg.tar.gz}")
+DATA=$(realpath "${1:?usage: bash benchmarks/gpu_run.sh DATA [SMOKE], DATA a CIFAR-10 copy}")
 SMOKE=${2:-}
 DEST=${OUT:-/tmp/gpu-out}; mkdir -p "$DEST"
 t0=$(date +%s)
