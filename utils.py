@@ -765,14 +765,15 @@ def arms_of(runs):
 
 def lr_tolerance(runs):
     """benchmarks/why_normalise.py's runs per arm (arms_of): {lr: final test accuracies over the
-    seeds}, the best lr by mean accuracy, and the largest lr at which every seed trained (ended above
-    its threshold with finite losses; None if no lr did)."""
+    seeds}, the best lr by mean accuracy and its runs, and the largest lr at which every seed trained
+    (ended above its threshold with finite losses; None if no lr did)."""
     table = {}
     for label, mine in arms_of(runs).items():
         finals = {lr: [r["final"] for r in mine if r["lr"] == lr] for lr in sorted({r["lr"] for r in mine})}
         trained = [lr for lr in finals if all(r["trained"] for r in mine if r["lr"] == lr)]
         best = max(finals, key=lambda lr: np.mean(finals[lr]))
         table[label] = dict(finals=finals, best=best, best_acc=float(np.mean(finals[best])),
+                            at_best=[r for r in mine if r["lr"] == best],
                             largest_trained=max(trained, default=None), params=mine[0]["params"])
     return table
 

@@ -137,12 +137,12 @@ def why_table(runs):
         best = f"{t['best']:g} ({t['best_acc']:.1f}%)"
         rows.append(f"| {label} | {t['params']:,} | " + " | ".join(cells) + f" | {best} | "
                     f"{t['largest_trained'] if t['largest_trained'] is not None else 'none'} |")
-    rows += ["", "The std of each 3x3 block's output on 256 random test images, C1 → C9, at initialisation "
-             "and after training at the arm's best lr (means over the seeds):", "",
+    rows += ["", f"The std of each 3x3 block's output on {first['probe_images']} random test images, "
+             "C1 → C9, at initialisation and after training at the arm's best lr (means over the seeds):", "",
              "| arm | C1 → C9 at init | C1 → C9 trained |", "|---|---|---|"]
     for label, t in tolerance.items():
-        at_best = [r for r in runs if utils.arm_label(r) == label and r["lr"] == t["best"]]
-        std = {when: [float(np.mean([r[f"depth_{when}"]["act_std"][k] for r in at_best])) for k in (0, -1)]
+        std = {when: [float(np.mean([r[f"depth_{when}"]["act_std"][k] for r in t["at_best"]]))
+                      for k in (0, -1)]
                for when in ("init", "trained")}
         rows.append(f"| {label} | {std['init'][0]:.2g} → {std['init'][1]:.2g} | "
                     f"{std['trained'][0]:.2g} → {std['trained'][1]:.2g} |")
@@ -317,23 +317,18 @@ def plot_why_normalise(runs, path=None):
     """benchmarks/why_normalise.py's runs, three panels: final test accuracy against the peak lr (mean
     over the seeds, their range shaded); then, at each arm's best lr, each 3x3 block's output std and
     its conv weights' gradient norm, dashed at initialisation and solid trained (means over seeds)."""
-    arms = utils.arms_of(runs)
     first = runs[0]
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-    for k, (label, mine) in enumerate(arms.items()):
-        lrs = sorted({r["lr"] for r in mine})
-        finals = [[r["final"] for r in mine if r["lr"] == lr] for lr in lrs]
-        means = [np.mean(f) for f in finals]
-        axes[0].plot(lrs, means, "-o", ms=3, color=f"C{k}", label=label)
+    for k, (label, t) in enumerate(utils.lr_tolerance(runs).items()):
+        lrs, finals = list(t["finals"]), list(t["finals"].values())
+        axes[0].plot(lrs, [np.mean(f) for f in finals], "-o", ms=3, color=f"C{k}", label=label)
         axes[0].fill_between(lrs, [min(f) for f in finals], [max(f) for f in finals], color=f"C{k}",
                              alpha=0.2)
-        best = lrs[int(np.argmax(means))]
-        at_best = [r for r in mine if r["lr"] == best]
         for ax, key in zip(axes[1:], ("act_std", "grad_norm")):
             for when, style, words in (("depth_init", "--", "at init"),
-                                       ("depth_trained", "-o", f"trained at lr {best:g}")):
-                y = np.mean([r[when][key] for r in at_best], axis=0)
+                                       ("depth_trained", "-o", f"trained at lr {t['best']:g}")):
+                y = np.mean([r[when][key] for r in t["at_best"]], axis=0)
                 ax.plot(first["depth_init"]["blocks"], y, style, ms=3, color=f"C{k}",
                         label=f"{label}, {words}")
     axes[0].axhline(10, color="grey", lw=0.8, ls=":", label="chance (10%)")

@@ -95,10 +95,17 @@ def run(data, spec, device):
                 depth_trained=depth_stats(model, x, y), **fitted)
 
 
-def worker(args):
-    spec, data_path = args
+WORKER_DATA = None      # each worker process's data set, loaded once by start_worker
+
+
+def start_worker(data_path):
+    global WORKER_DATA
     torch.set_num_threads(1)      # one thread per worker: the workers share the cores
-    return run(utils.load_cifar10(data_path), spec, utils.pick_device())
+    WORKER_DATA = utils.load_cifar10(data_path)
+
+
+def worker(spec):
+    return run(WORKER_DATA, spec, utils.pick_device())
 
 
 def main(argv=None):
@@ -137,8 +144,8 @@ def main(argv=None):
     if a.dry_run or not specs:
         return
     utils.load_cifar10(a.data)          # decode once; the workers read the cache
-    with get_context("spawn").Pool(a.workers) as pool:
-        for r in pool.imap_unordered(worker, [(s, a.data) for s in specs]):
+    with get_context("spawn").Pool(a.workers, initializer=start_worker, initargs=(a.data,)) as pool:
+        for r in pool.imap_unordered(worker, specs):
             records.append_jsonl(a.out, r)
             print(f"{r['arm']:>12} lr {r['lr']:<6g} seed {r['seed']}: {r['final']:5.2f}% "
                   f"{'' if r['trained'] else '(did not train) '}{r['seconds']:.0f} s", flush=True)
